@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from artmaster.compose import HEADER, render_params
+from artmaster.config import compose, conf_dir, project_root
+
+
+def test_params_yaml_is_up_to_date_with_conf():
+    committed = (project_root() / "params.yaml").read_text(encoding="utf-8")
+    assert committed == render_params(compose()), "params.yaml is stale: run `artmaster compose`"
+
+
+def test_params_yaml_is_marked_generated():
+    assert (project_root() / "params.yaml").read_text(encoding="utf-8").startswith(HEADER)
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+GROUPS = sorted(p.name for p in conf_dir().iterdir() if p.is_dir())
+
+
+@pytest.mark.parametrize(
+    "override", [f"{group}={option}" for group in GROUPS for option in _options(group)]
+)
+def test_every_config_option_composes(override):
+    cfg = compose([override])
+    plain = yaml.safe_load(render_params(cfg))
+    assert plain["paths"]["data_dir"]
+
+
+def test_stage_folders_live_under_data_dir(make_cfg, tmp_path):
+    from artmaster.config import stage_dir
+
+    cfg = make_cfg()
+    assert stage_dir(cfg, "crop") == Path(tmp_path / "data" / "crop")
