@@ -1,0 +1,136 @@
+"""Model profiles: one loader for FLUX.1-dev, its random-weight twin and the tiny CPU profile.
+
+All three use the same diffusers/transformers classes (FluxTransformer2DModel, AutoencoderKL,
+CLIPTextModel, T5EncoderModel, FluxPipeline); only sizes and the origin of the weights differ:
+- `flux_dev`: a local folder or the Hugging Face cache, safetensors only, offline by default.
+- `flux_dev_random`: the full architecture from `model.architecture`, random init, for benchmarks.
+- `tiny`: small `model.architecture`, seeded init; the `base` stage pretrains it and saves it with
+  `save_pretrained`, and every later stage loads it back through the same local-folder path as
+  `flux_dev`.
+"""
+
+from __future__ import annotations
+
+import string
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from omegaconf import DictConfig, OmegaConf
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Whole-word pieces for the locally built T5 tokenizer: the words our captions and prompts use.
+# Anything else still tokenizes, character by character.
+VOCABULARY = """
+zxh style painting landscape ink wash chinese hunan mountain mountains peak peaks ridge ridges
+gorge gorges valley valleys cliff cliffs river stream waterfall lake water mist misty fog cloud
+clouds light strong bright dark shadow shade sun sunlight tree trees forest pine pines dotted dots
+dot emerald green ochre yellow red blue grey gray black white brown gold golden warm cool cold
+colour color colours colors palette tonal contrast layered layers distant near foreground
+background middle ground composition vertical horizontal portrait scroll hanging wide tall view
+village house houses boat boats bridge path road rock rocks stone snow spring summer autumn winter
+evening morning dawn dusk night sky sea city street portrait person people cat dog flower flowers
+bird birds a an the of and with in on at over under by from to through above below between
+""".split()
+
+
+def local_tokenizers() -> tuple[CLIPTokenizer, T5Tokenizer]:
+    """CLIP (character-level BPE) and T5 (unigram over VOCABULARY) tokenizers built offline."""
+    chars = [c for c in string.printable if not c.isspace()]
+    clip_vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in chars:
+        clip_vocab.setdefault(char, len(clip_vocab))
+        clip_vocab.setdefault(char + "</w>", len(clip_vocab))
+    clip = CLIPTokenizer(vocab=clip_vocab, merges=[], model_max_length=77)
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -5.0)]
+    pieces += [("\u2581" + word, -2.0) for word in dict.fromkeys(VOCABULARY)]
+    pieces += [(char, -10.0) for char in chars]
+    t5 = T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+    return clip, t5
+
+
+@contextmanager
+def _default_dtype_and_device(dtype: torch.dtype, device: str):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_random_pipeline(model_cfg: DictConfig, with_text_encoders: bool = True) -> FluxPipeline:
+    """A FluxPipeline of `model.architecture` sizes with seeded random weights.
+
+    `with_text_encoders=False` skips CLIP and T5 (benchmarks feed cached embeddings; T5-XXL alone
+    is 4.7B parameters).
+    """
+    arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+    dtype = DTYPES[model_cfg.dtype]
+    device = model_cfg.device if torch.cuda.is_available() or model_cfg.device == "cpu" else "cpu"
+    clip_tokenizer, t5_tokenizer = local_tokenizers()
+    torch.manual_seed(model_cfg.seed)
+    with _default_dtype_and_device(dtype, device):
+        transformer = FluxTransformer2DModel(**arch["transformer"])
+        vae = AutoencoderKL(**arch["vae"])
+        text_encoder = text_encoder_2 = None
+        if with_text_encoders:
+            text_encoder = CLIPTextModel(
+                CLIPTextConfig(vocab_size=len(clip_tokenizer), **arch["clip"],
+                               bos_token_id=0, eos_token_id=1, pad_token_id=1)
+            )
+            text_encoder_2 = T5EncoderModel(
+                T5Config(vocab_size=len(t5_tokenizer), **arch["t5"], pad_token_id=0, eos_token_id=1)
+            )
+    for module in (transformer, vae, text_encoder, text_encoder_2):
+        if module is not None:
+            module.eval()  # as from_pretrained leaves them: T5's dropout would otherwise be live
+    return FluxPipeline(
+        scheduler=flow_match_scheduler(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """FLUX.1-dev's scheduler settings (resolution-dependent shift)."""
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+        base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    )
+
+
+def pipeline_source(model_cfg: DictConfig) -> str:
+    """The local folder (or cache repo id) that `load_pipeline` reads."""
+    if model_cfg.path:
+        return str(model_cfg.path)
+    if model_cfg.repo_id:
+        return str(model_cfg.repo_id)
+    raise ValueError(f"model profile {model_cfg.profile!r} names neither `path` nor `repo_id`")
+
+
+def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
+    """The one loader: `flux_dev_random` builds, every other profile reads saved weights."""
+    if model_cfg.profile == "flux_dev_random":
+        return build_random_pipeline(model_cfg)
+    source = pipeline_source(model_cfg)
+    if model_cfg.path and not Path(source).is_dir():
+        hint = " (run `artmaster base` first)" if model_cfg.profile == "tiny" else ""
+        raise FileNotFoundError(f"model folder {source} does not exist{hint}")
+    pipe = FluxPipeline.from_pretrained(
+        source,
+        revision=model_cfg.revision,
+        dtype=DTYPES[model_cfg.dtype],
+        local_files_only=bool(model_cfg.local_files_only),
+        use_safetensors=True,
+    )
+    device = model_cfg.device if torch.cuda.is_available() or model_cfg.device == "cpu" else "cpu"
+    return pipe.to(device)
