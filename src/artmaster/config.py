@@ -21,14 +21,19 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 
 def project_root() -> Path:
-    """The folder holding conf/ and dvc.yaml: $DVC_ROOT under DVC, else the nearest one above cwd,
-    else the source checkout this package was installed from (editable install)."""
-    if os.environ.get("DVC_ROOT"):
-        return Path(os.environ["DVC_ROOT"]).resolve()
+    """The workspace holding conf/: the nearest one above cwd, else the source checkout this package
+    was installed from (editable install). A queued DVC experiment runs in a temporary copy, and
+    its conf/ (with the experiment's -S edits) is the copy's, so this never follows $DVC_ROOT."""
     for folder in (Path.cwd(), *Path.cwd().parents):
         if (folder / "conf" / "config.yaml").is_file():
             return folder
     return PACKAGE_DIR.parents[1]
+
+
+def store_root() -> Path:
+    """Where the MLflow store lives: $DVC_ROOT (the parent repo, also for queued experiments that
+    DVC deletes afterwards), else the workspace."""
+    return Path(os.environ["DVC_ROOT"]).resolve() if os.environ.get("DVC_ROOT") else project_root()
 
 
 def conf_dir() -> Path:

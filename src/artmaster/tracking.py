@@ -15,13 +15,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from artmaster.config import params_hash, project_root
+from artmaster.config import params_hash, project_root, store_root
 
 
 def tracking_uri(cfg: DictConfig) -> str:
     if cfg.tracking.uri:
         return str(cfg.tracking.uri)
-    return f"sqlite:///{project_root() / 'mlflow.db'}"
+    return f"sqlite:///{store_root() / 'mlflow.db'}"
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict[str, str]:
@@ -51,8 +51,12 @@ def _experiment_id(mlflow, cfg: DictConfig) -> str:
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
-    artifacts = (project_root() / cfg.tracking.artifact_dir).resolve()
+    artifacts = (store_root() / cfg.tracking.artifact_dir).resolve()
     return mlflow.create_experiment(name, artifact_location=artifacts.as_uri())
+
+
+def _plain(value):
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 @contextmanager
@@ -65,7 +69,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...]) -> Iterato
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     experiment_id = _experiment_id(mlflow, cfg)
-    read = {name: OmegaConf.to_container(cfg[name], resolve=True) for name in sections if name in cfg}
+    read = {name: _plain(cfg[name]) for name in sections if name in cfg}
     with mlflow.start_run(
         run_name=stage, experiment_id=experiment_id, nested=mlflow.active_run() is not None
     ) as run:
