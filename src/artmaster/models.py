@@ -71,7 +71,7 @@ def build_random_pipeline(model_cfg: DictConfig, with_text_encoders: bool = True
     """
     arch = OmegaConf.to_container(model_cfg.architecture, resolve=True)
     dtype = DTYPES[model_cfg.dtype]
-    device = model_cfg.device if torch.cuda.is_available() or model_cfg.device == "cpu" else "cpu"
+    device = resolve_device(model_cfg)
     clip_tokenizer, t5_tokenizer = local_tokenizers()
     torch.manual_seed(model_cfg.seed)
     with _default_dtype_and_device(dtype, device):
@@ -108,6 +108,16 @@ def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     )
 
 
+def resolve_device(model_cfg: DictConfig) -> str:
+    """The configured device, falling back to CPU where CUDA is absent (CI, laptops)."""
+    if model_cfg.device == "cpu" or not torch.cuda.is_available():
+        return "cpu"
+    # cuDNN's SDPA backward failed for FLUX shapes with torch 2.11 + CUDA 13 (illegal memory
+    # access); the flash backend is as fast there, so keep cuDNN attention off on GPU.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return str(model_cfg.device)
+
+
 def pipeline_source(model_cfg: DictConfig) -> str:
     """The local folder (or cache repo id) that `load_pipeline` reads."""
     if model_cfg.path:
@@ -132,5 +142,4 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
         local_files_only=bool(model_cfg.local_files_only),
         use_safetensors=True,
     )
-    device = model_cfg.device if torch.cuda.is_available() or model_cfg.device == "cpu" else "cpu"
-    return pipe.to(device)
+    return pipe.to(resolve_device(model_cfg))
