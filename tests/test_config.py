@@ -37,3 +37,13 @@ def test_stage_folders_live_under_data_dir(make_cfg, tmp_path):
 
     cfg = make_cfg()
     assert stage_dir(cfg, "crop") == Path(tmp_path / "data" / "crop")
+
+
+def test_slurm_launcher_config_composes_for_sweeps_on_a_cluster():
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
+    assert cfg.hydra.launcher.gpus_per_node == 1
