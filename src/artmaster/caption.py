@@ -1,0 +1,399 @@
+"""Stage `caption`: one caption per crop, from the captioner chosen by `caption.backend`.
+
+- `template` (offline default): the trigger phrase, then content, palette, tone and composition
+  words measured on the crop (artmaster.imagestats), then the scan's sidecar text. Deterministic.
+- `vlm`: a local transformers image-text-to-text model (AutoProcessor +
+  AutoModelForImageTextToText), greedy decoding; the trigger phrase is prepended.
+
+A user-edited overrides file (`caption.overrides_file`, crop_id -> caption) wins over both.
+Writes data/caption/captions.jsonl (crop_id, caption, source), summary.json, caption_sheet.png.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import textwrap
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import yaml
+from omegaconf import DictConfig
+from PIL import Image, ImageDraw, ImageFont
+from scipy import ndimage
+from tqdm import tqdm
+
+from artmaster.config import hydra_entry, project_root, stage_dir
+from artmaster.crop import read_jsonl, staged_dir, write_jsonl
+from artmaster.imagestats import (
+    ink_density,
+    named_colour_fractions,
+    paper_tint,
+    reduced,
+    rgb_to_lab,
+    small_blob_count,
+    to_float_rgb,
+)
+from artmaster.tracking import log_picture, stage_run
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CaptionContext:
+    crop_id: str
+    scan_id: str
+    sidecar_text: str = ""
+
+
+class Captioner(Protocol):
+    source: str  # recorded in captions.jsonl: template | vlm
+
+    def caption(self, image: Image.Image, context: CaptionContext) -> str: ...
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def finish_caption(settings: DictConfig, body: list[str], context: CaptionContext) -> str:
+    """Trigger phrase + body phrases (+ sidecar text), joined by the configured separator."""
+    parts = [settings.trigger, *body]
+    if settings.include_sidecar and context.sidecar_text:
+        parts.append(_one_line(context.sidecar_text)[: settings.sidecar_max_chars].strip())
+    return settings.separator.join(_one_line(part) for part in parts if part and part.strip())
+
+
+# --- template ----------------------------------------------------------------------------------
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """[start, end) of every run of True in a 1-D boolean array."""
+    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
+    changes = np.flatnonzero(np.diff(padded))
+    return list(zip(changes[::2].tolist(), changes[1::2].tolist()))
+
+
+def content_words(density: np.ndarray, present_above: float, content: DictConfig) -> list[str]:
+    """Mountains, peaks, gorge and mist from where the ink sits (rows and columns of the map)."""
+    words = []
+    painted = density >= present_above
+    rows = painted.mean(axis=1)
+    inked = np.flatnonzero(rows >= content.ink_row)
+    if painted.mean() >= content.mountains_min_ink:
+        sky = rows[: max(1, round(content.sky_band * len(rows)))]
+        if sky.mean() <= content.sky_max_ink and inked.size and inked.min() < len(rows) // 2:
+            words.append(content.peaks_phrase)
+        words.append(content.mountains_phrase)
+
+    # a gorge: a pale valley in the middle third of the lower part, flanked by inked sides
+    lower = density[round((1.0 - content.gorge_rows) * density.shape[0]) :]
+    columns = ndimage.uniform_filter1d(
+        lower.mean(axis=0), max(1, round(content.gorge_smooth * density.shape[1])), mode="nearest"
+    )
+    third = max(1, len(columns) // 3)
+    sides = float(np.r_[columns[:third], columns[-third:]].mean())
+    if sides >= content.gorge_min_side_ink and columns[third:-third].min() < content.gorge_ratio * sides:
+        words.append(content.gorge_phrase)
+
+    # mist: a band of rows much paler than the inked rows, with inked rows above and below it
+    if inked.size:
+        pale = rows <= content.mist_ratio * float(np.median(rows[inked]))
+        min_rows = max(1, round(content.mist_min_rows * len(rows)))
+        if any(
+            end - start >= min_rows and inked.min() < start and inked.max() >= end
+            for start, end in _runs(pale)
+        ):
+            words.append(content.mist_phrase)
+    return words
+
+
+def palette_words(lab: np.ndarray, palette: DictConfig, tint: np.ndarray) -> list[str]:
+    """Named colours (up to `max_colours`, most abundant first), dotted or as washes; or
+    monochrome. Colours are measured as departures from the paper's `tint`."""
+    fractions, labels = named_colour_fractions(lab, dict(palette.prototypes), palette.min_chroma, tint)
+    present = sorted(
+        (name for name, share in fractions.items() if share >= palette.present_above),
+        key=lambda name: (-fractions[name], name),
+    )[: palette.max_colours]
+    if not present:
+        return [palette.monochrome_phrase]
+    names = list(fractions)
+    dots = sum(
+        small_blob_count(labels == names.index(name), palette.dot_max_area) for name in present
+    )
+    phrase = palette.dotted_phrase if dots >= palette.dotted_min_dots else palette.wash_phrase
+    return [phrase.format(colours=" and ".join(present))]
+
+
+def tone_words(lightness: np.ndarray, tone: DictConfig) -> list[str]:
+    words = []
+    mean = float(lightness.mean())
+    if mean >= tone.light_above:
+        words.append(tone.light_phrase)
+    elif mean <= tone.dark_below:
+        words.append(tone.dark_phrase)
+    if float(lightness.std()) >= tone.contrast_above:
+        words.append(tone.contrast_phrase)
+    return words
+
+
+def composition_words(size: tuple[int, int], composition: DictConfig) -> list[str]:
+    aspect = math.log(size[0] / size[1])
+    if abs(aspect) < composition.square_tolerance:
+        return [composition.square_phrase]
+    return [composition.landscape_phrase if aspect > 0 else composition.portrait_phrase]
+
+
+def describe(image: Image.Image, template: DictConfig) -> list[str]:
+    """The template captioner's phrases for one image, in caption order."""
+    lab = rgb_to_lab(to_float_rgb(reduced(image, template.analysis_long_side)))
+    ink = template.ink
+    density = ink_density(lab, **ink.density)
+    return [
+        *content_words(density, ink.present_above, template.content),
+        *palette_words(lab, template.palette, paper_tint(lab, ink.density.paper_percentile)),
+        *tone_words(lab[..., 0], template.tone),
+        *composition_words(image.size, template.composition),
+    ]
+
+
+class TemplateCaptioner:
+    source = "template"
+
+    def __init__(self, settings: DictConfig):
+        self.settings = settings
+
+    def caption(self, image: Image.Image, context: CaptionContext) -> str:
+        return finish_caption(self.settings, describe(image, self.settings.template), context)
+
+
+# --- vlm ---------------------------------------------------------------------------------------
+
+
+class VLMCaptioner:
+    """A local image-text-to-text model; its answer becomes the caption body."""
+
+    source = "vlm"
+
+    def __init__(self, settings: DictConfig):
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        vlm = settings.vlm
+        if not vlm.model_path or not Path(vlm.model_path).is_dir():
+            raise FileNotFoundError(
+                f"caption.vlm.model_path={vlm.model_path!r} is not a folder: save an "
+                "image-text-to-text model (e.g. Qwen/Qwen2-VL-2B-Instruct) to a local folder "
+                "and set caption.vlm.model_path to it"
+            )
+        if vlm.dtype == "auto":
+            dtype = "auto"
+        elif isinstance(getattr(torch, str(vlm.dtype), None), torch.dtype):
+            dtype = getattr(torch, vlm.dtype)
+        else:
+            raise ValueError(f"caption.vlm.dtype={vlm.dtype!r}: use auto, float32, bfloat16 or float16")
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if vlm.device == "auto" else vlm.device
+        common = {"local_files_only": vlm.local_files_only, "trust_remote_code": vlm.trust_remote_code}
+        self.processor = AutoProcessor.from_pretrained(vlm.model_path, **common)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            vlm.model_path, dtype=dtype, use_safetensors=vlm.use_safetensors, **common
+        ).to(self.device)
+        self.model.eval()
+        self.settings = settings
+
+    def _prompt_text(self) -> str:
+        prompt = self.settings.vlm.prompt
+        if getattr(self.processor, "chat_template", None) is None:
+            return prompt
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def caption(self, image: Image.Image, context: CaptionContext) -> str:
+        import torch
+
+        inputs = self.processor(images=[image.convert("RGB")], text=[self._prompt_text()], return_tensors="pt")
+        # floating inputs (pixel values) in the model's dtype, token ids untouched
+        inputs = inputs.to(self.device).to(self.model.dtype)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, max_new_tokens=self.settings.vlm.max_new_tokens, do_sample=False
+            )
+        if not self.model.config.is_encoder_decoder:
+            output = output[:, inputs["input_ids"].shape[1] :]
+        answer = self.processor.batch_decode(output, skip_special_tokens=True)[0]
+        return finish_caption(self.settings, [answer], context)
+
+
+BACKENDS = {"template": TemplateCaptioner, "vlm": VLMCaptioner}
+
+
+def make_captioner(settings: DictConfig) -> Captioner:
+    try:
+        backend = BACKENDS[settings.backend]
+    except KeyError:
+        raise ValueError(f"caption.backend={settings.backend!r}: choose one of {', '.join(BACKENDS)}") from None
+    return backend(settings)
+
+
+# --- overrides ---------------------------------------------------------------------------------
+
+
+def overrides_path(settings: DictConfig) -> Path | None:
+    if not settings.overrides_file:
+        return None
+    path = Path(settings.overrides_file)
+    return path if path.is_absolute() else project_root() / path
+
+
+def load_overrides(path: Path | None) -> dict[str, str]:
+    """crop_id -> caption from a user-edited YAML mapping; a missing file means none."""
+    if path is None or not path.exists():
+        return {}
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path}: not valid YAML ({error})") from error
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of crop_id: caption, got {type(data).__name__}")
+    overrides = {}
+    for crop_id, text in data.items():
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"{path}: the override for {crop_id!r} must be a non-empty string")
+        overrides[str(crop_id)] = _one_line(text)
+    return overrides
+
+
+# --- picture -----------------------------------------------------------------------------------
+
+
+def draw_caption_sheet(items: list[tuple[Image.Image, str, str]], sheet: DictConfig) -> Image.Image:
+    """Crops (fitted into tile x tile) with their source and wrapped caption underneath."""
+    items = items[: sheet.max_crops]
+    columns = max(1, min(sheet.columns, len(items)))
+    rows = max(1, math.ceil(len(items) / columns))
+    font = ImageFont.load_default(size=sheet.font_size)
+    line_height = sheet.font_size + 3
+    text_height = (sheet.text_lines + 1) * line_height + 4
+    canvas = Image.new("RGB", (columns * sheet.tile, rows * (sheet.tile + text_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    wrap_chars = max(10, int(sheet.tile / (0.55 * sheet.font_size)))
+    for index, (image, source, text) in enumerate(items):
+        x = (index % columns) * sheet.tile
+        y = (index // columns) * (sheet.tile + text_height)
+        thumb = image.copy()
+        thumb.thumbnail((sheet.tile, sheet.tile), Image.Resampling.LANCZOS)
+        canvas.paste(thumb, (x + (sheet.tile - thumb.width) // 2, y + (sheet.tile - thumb.height) // 2))
+        lines = textwrap.wrap(text, wrap_chars, max_lines=sheet.text_lines, placeholder=" ...")
+        draw.text((x + 4, y + sheet.tile + 2), f"[{source}]", fill="#888888", font=font)
+        for number, line in enumerate(lines, start=1):
+            draw.text((x + 4, y + sheet.tile + 2 + number * line_height), line, fill="black", font=font)
+    return canvas
+
+
+# --- stage -------------------------------------------------------------------------------------
+
+
+def sidecar_texts(cfg: DictConfig) -> dict[str, str]:
+    """scan id -> sidecar text from the ingest manifest (empty when there is no manifest)."""
+    manifest = stage_dir(cfg, "ingest") / "manifest.jsonl"
+    if not manifest.is_file():
+        log.warning("caption: %s not found; captions get no sidecar text", manifest)
+        return {}
+    return {str(row["id"]): row.get("sidecar_text") or "" for row in read_jsonl(manifest) if "id" in row}
+
+
+def run(cfg: DictConfig) -> dict:
+    """Caption every crop of data/crop with `caption.backend`; the overrides file wins."""
+    settings = cfg.caption
+    crop_dir = stage_dir(cfg, "crop")
+    crops = read_jsonl(crop_dir / "crops.jsonl")
+    if not crops:
+        raise ValueError(f"{crop_dir / 'crops.jsonl'}: no crops to caption")
+    sidecars = sidecar_texts(cfg)
+    overrides_file = overrides_path(settings)
+    overrides = load_overrides(overrides_file)
+    unknown = sorted(set(overrides) - {str(row["crop_id"]) for row in crops})
+    for crop_id in unknown:
+        message = f"{overrides_file}: override for unknown crop id {crop_id!r} (no such crop; ignored)"
+        warnings.warn(message, stacklevel=2)
+        log.warning("caption: %s", message)
+
+    out_dir = stage_dir(cfg, "caption")
+    with stage_run(cfg, "caption", sections=("caption",)), staged_dir(out_dir) as staging:
+        import mlflow
+
+        # only load a model when some crop still needs a generated caption
+        needs_model = any(str(row["crop_id"]) not in overrides for row in crops)
+        captioner = make_captioner(settings) if needs_model else None
+        rows, failed, sheet_items = [], [], []
+        for crop in tqdm(crops, desc="caption", unit="crop"):
+            crop_id = str(crop["crop_id"])
+            path = crop_dir / crop["path"]
+            try:
+                with Image.open(path) as opened:
+                    image = opened.convert("RGB")
+            except OSError as error:
+                log.error("caption: skipping %s: %s", path, error)
+                failed.append({"crop_id": crop_id, "path": str(path), "error": str(error)})
+                continue
+            if crop_id in overrides:
+                text, source = overrides[crop_id], "override"
+            else:
+                context = CaptionContext(crop_id, str(crop["scan_id"]), sidecars.get(str(crop["scan_id"]), ""))
+                text, source = captioner.caption(image, context), captioner.source
+            rows.append({"crop_id": crop_id, "caption": text, "source": source})
+            if len(sheet_items) < settings.sheet.max_crops:
+                sheet_items.append((image, source, text))
+        if not rows:
+            raise RuntimeError(f"caption: no crop could be read ({'; '.join(f['path'] for f in failed)})")
+
+        write_jsonl(staging / "captions.jsonl", rows)
+        by_source = {source: sum(r["source"] == source for r in rows) for source in ("template", "vlm", "override")}
+        summary = {
+            "captions": len(rows),
+            "by_source": by_source,
+            "backend": settings.backend,
+            "overrides_file": str(overrides_file) if overrides_file else None,
+            "unknown_override_ids": unknown,
+            "failed": failed,
+        }
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+        draw_caption_sheet(sheet_items, settings.sheet).save(staging / "caption_sheet.png")
+
+        mlflow.log_metrics(
+            {
+                "captions": len(rows),
+                "failed_crops": len(failed),
+                "unknown_override_ids": len(unknown),
+                **{f"captions_{source}": count for source, count in by_source.items()},
+            }
+        )
+        mlflow.log_table(
+            data={
+                "crop_id": [r["crop_id"] for r in rows],
+                "source": [r["source"] for r in rows],
+                "caption": [r["caption"] for r in rows],
+            },
+            artifact_file="captions_table.json",
+        )
+        log_picture(staging / "caption_sheet.png")
+        mlflow.log_artifact(str(staging / "summary.json"))
+
+    print(
+        f"caption: {len(rows)} crops captioned ("
+        + ", ".join(f"{source}: {count}" for source, count in by_source.items())
+        + ")"
+        + (f"; {len(unknown)} unknown override ids in {overrides_file}" if unknown else "")
+        + (f"; {len(failed)} unreadable" if failed else "")
+    )
+    return {"out_dir": str(out_dir), **summary}
+
+
+main = hydra_entry(run)

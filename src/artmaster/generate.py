@@ -1,0 +1,173 @@
+"""Tool `artmaster generate`: images from the base model, alone or with an adapter.
+
+    artmaster generate "a prompt" [--adapter DIR] [--count N] [--seed S] [--steps K] [--out grid.png]
+                       [hydra overrides, e.g. model=flux_dev base.generate.guidance=3.5]
+
+Settings default from `base.generate`. The adapter is a diffusers-format LoRA folder (what the
+train stage writes to data/train/lora/) or a single LoRA .safetensors file (kohya keys load too).
+`generate_images` is the one generation loop: the base, evaluate and augment stages reuse it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from artmaster.config import compose
+
+# prompt -> (T5 sequence embeddings (1, L, D), CLIP pooled embedding (1, P)), at one sequence length
+EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
+                   cache: EmbeddingCache | None = None) -> EmbeddingCache:
+    """Text embeddings of each distinct prompt, computed once and kept in `cache`.
+
+    A LoRA on the transformer leaves the text encoders unchanged, so callers that compare the base
+    model with adapters on the same prompts can share one cache between them.
+    """
+    cache = {} if cache is None else cache
+    for prompt in dict.fromkeys(prompts):
+        key = (prompt, max_sequence_length)
+        if key not in cache:
+            with torch.no_grad():
+                embeds, pooled, _ = pipe.encode_prompt(
+                    prompt=prompt, prompt_2=None, device=pipe._execution_device,
+                    max_sequence_length=max_sequence_length,
+                )
+            cache[key] = (embeds, pooled)
+    return cache
+
+
+def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
+                    steps: int, guidance: float, max_sequence_length: int, batch_size: int = 4,
+                    embedding_cache: EmbeddingCache | None = None) -> list[Image.Image]:
+    """One image per (prompts[i], seeds[i]), in order.
+
+    Each image's starting noise comes from its own CPU generator seeded with its seed, so an image
+    depends only on its prompt and seed (not on batching or device): the same prompt and seed give
+    paired images from the base model and from an adapter.
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate_images: {len(prompts)} prompts but {len(seeds)} seeds (one seed per image)")
+    if batch_size < 1:
+        raise ValueError(f"generate_images: batch_size must be >= 1, got {batch_size}")
+    cache = encode_prompts(pipe, prompts, max_sequence_length, embedding_cache)
+    pipe.set_progress_bar_config(disable=True)  # one bar over batches instead of one per batch
+    images: list[Image.Image] = []
+    starts = range(0, len(prompts), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=len(starts) < 2):
+        batch_prompts = prompts[start : start + batch_size]
+        batch_seeds = seeds[start : start + batch_size]
+        embeds = torch.cat([cache[(p, max_sequence_length)][0] for p in batch_prompts])
+        pooled = torch.cat([cache[(p, max_sequence_length)][1] for p in batch_prompts])
+        with torch.no_grad():
+            result = pipe(
+                prompt_embeds=embeds,
+                pooled_prompt_embeds=pooled,
+                height=height,
+                width=width,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in batch_seeds],
+                max_sequence_length=max_sequence_length,
+                output_type="pil",
+            )
+        images.extend(result.images)
+    return images
+
+
+def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] | None = None,
+               label_height: int = 14, gap: int = 2) -> Image.Image:
+    """Images in rows of `columns` (cells sized to the largest image), each with an optional label."""
+    if not images:
+        raise ValueError("image_grid: no images")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"image_grid: {len(images)} images but {len(labels)} labels")
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images) + (label_height if labels is not None else 0)
+    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        left, top = (index % columns) * (cell_w + gap), (index // columns) * (cell_h + gap)
+        grid.paste(image.convert("RGB"), (left, top))
+        if labels is not None:
+            draw.text((left + 2, top + image.height + 1), labels[index], fill="black")
+    return grid
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    """Write next to the target, then rename: a killed run never leaves a truncated picture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.partial")
+    image.save(partial, format="PNG")
+    os.replace(partial, path)
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=f"artmaster {command}",
+        description="Generate images from the base model, or the base model with a LoRA adapter. "
+        "Unset options default from the `base.generate` config; trailing Hydra overrides "
+        "(model=flux_dev, base.generate.guidance=3.5, ...) change the configuration.",
+    )
+    parser.add_argument("prompt")
+    parser.add_argument("--adapter", type=Path, help="LoRA folder (e.g. data/train/lora) or .safetensors file")
+    parser.add_argument("--count", type=int, help="number of images (seeds S, S+1, ...)")
+    parser.add_argument("--seed", type=int, help="seed of the first image")
+    parser.add_argument("--steps", type=int, help="denoising steps")
+    parser.add_argument("--out", type=Path, help="grid PNG; single images go to a folder of the same stem")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides")
+    return parser
+
+
+def cli(command: str, argv: list[str]) -> int:
+    """`artmaster generate`: write a grid of `count` images for one prompt, and each image alone."""
+    args = _parser(command).parse_intermixed_args(argv)
+    cfg = compose(args.overrides)
+    settings = cfg.base.generate
+    count = settings.count if args.count is None else args.count
+    first_seed = settings.seed if args.seed is None else args.seed
+    out = Path(settings.out if args.out is None else args.out)
+    if count < 1:
+        print(f"artmaster {command}: --count must be at least 1, got {count}", file=sys.stderr)
+        return 2
+    if args.adapter is not None and not args.adapter.exists():
+        print(f"artmaster {command}: adapter {args.adapter} does not exist (expected a LoRA folder "
+              "such as data/train/lora, or a .safetensors file)", file=sys.stderr)
+        return 2
+
+    from artmaster.models import load_pipeline
+
+    try:
+        pipe = load_pipeline(cfg.model)
+    except (FileNotFoundError, OSError, ValueError) as error:
+        print(f"artmaster {command}: cannot load the base model: {error}", file=sys.stderr)
+        return 1
+    if args.adapter is not None:
+        pipe.load_lora_weights(str(args.adapter))
+    seeds = [first_seed + offset for offset in range(count)]
+    images = generate_images(
+        pipe, [args.prompt] * count, seeds,
+        height=settings.height, width=settings.width,
+        steps=settings.steps if args.steps is None else args.steps,
+        guidance=settings.guidance,
+        max_sequence_length=cfg.model.max_sequence_length,
+        batch_size=settings.batch_size,
+    )
+    singles = out.with_suffix("")
+    for seed, image in zip(seeds, images):
+        save_image_atomic(image, singles / f"seed{seed:05d}.png")
+    save_image_atomic(image_grid(images, settings.columns, [f"seed {seed}" for seed in seeds]), out)
+    print(f"generate: {count} image(s) for {args.prompt!r} "
+          f"({'adapter ' + str(args.adapter) if args.adapter else 'base model'}) -> {out} and {singles}/")
+    return 0

@@ -1,0 +1,385 @@
+"""Stage `ingest`: every file under `data.scans_dir`, decoded, normalised, de-duplicated.
+
+Each file is decoded fully and normalised to 8-bit sRGB RGB: EXIF orientation applied; 16-bit,
+palette, CMYK, grayscale and alpha (composited onto `alpha_background`) converted; an embedded
+ICC profile converted to sRGB. Scans that are too small, too elongated, identical to an earlier
+one (sha256 of the normalised pixels) or nearly so (perceptual hash) are set aside with a reason.
+A header declaring more than `max_image_pixels` is refused before decoding; big JPEGs are decoded
+reduced. The raw scans are only read, never modified.
+
+Writes data/ingest/images/<id>.png, manifest.jsonl (one row per file, see docs/architecture.md)
+and summary.json; prints "ingest: N read, M accepted, K rejected: <reason counts>". Fails only
+when the folder is missing or empty or no valid scan remains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import unicodedata
+import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
+from tqdm import tqdm
+
+from artmaster.config import hydra_entry, stage_dir
+from artmaster.crop import staged_dir, write_jsonl
+from artmaster.demo_scans import thumbnail_sheet
+from artmaster.tracking import stage_run
+
+SRGB = ImageCms.createProfile("sRGB")
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
+# modes converted to RGB or RGBA by PIL directly (no colour management, no bit-depth scaling)
+PLAIN_MODES = {
+    "1": "L",
+    "P": "RGB",
+    "PA": "RGBA",
+    "LA": "RGBA",
+    "La": "RGBA",
+    "RGBa": "RGBA",
+    "RGBX": "RGB",
+    "YCbCr": "RGB",
+    "HSV": "RGB",
+}
+
+
+class ScanRejected(Exception):
+    """A file that is not a usable scan: `code` groups reasons in the summary, `message` explains."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@contextmanager
+def decompression_guard(max_pixels: int) -> Iterator[None]:
+    """PIL refuses headers declaring more than `max_pixels` pixels (its warning band included)."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = int(max_pixels)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _open(path: Path, settings: DictConfig, row: dict) -> Image.Image:
+    """Open and fully decode one file (reduced for big JPEGs) noting its format, mode and declared
+    size in the manifest row; ScanRejected if it cannot be."""
+    if path.stat().st_size == 0:
+        raise ScanRejected("empty", "empty file (0 bytes)")
+    try:
+        image = Image.open(path)
+    except UnidentifiedImageError:
+        raise ScanRejected("not_an_image", "not an image file PIL can decode (unknown format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise ScanRejected(
+            "too_many_pixels",
+            f"refused without decoding: {error} (max_image_pixels={settings.max_image_pixels})",
+        ) from None
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ScanRejected("corrupt", f"cannot read the image header: {error}") from None
+    declared = image.size
+    row.update(format=image.format, mode=image.mode, declared_size=list(declared))
+    try:
+        if image.format == "JPEG" and max(declared) > settings.max_long_side:
+            scale = settings.max_long_side / max(declared)
+            image.draft(None, (max(1, round(declared[0] * scale)), max(1, round(declared[1] * scale))))
+            if image.size != declared:
+                row["steps"].append(
+                    f"JPEG decoded reduced from {declared[0]}x{declared[1]} to {image.width}x{image.height}"
+                )
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        image.close()
+        raise ScanRejected("too_many_pixels", f"refused: {error}") from None
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError, zlib.error...
+        image.close()
+        code = "truncated" if "truncated" in str(error).lower() else "corrupt"
+        raise ScanRejected(
+            code, f"{image.format or 'image'} data cannot be decoded ({type(error).__name__}: {error})"
+        ) from None
+    return image
+
+
+def _to_eight_bit(image: Image.Image, steps: list[str]) -> Image.Image:
+    """16-bit and 32-bit integer grayscale -> L by their full range (PIL's convert would clip)."""
+    if image.mode in SIXTEEN_BIT_MODES or image.mode == "I":
+        values = np.asarray(image).astype(np.int64)
+        bits = 16 if image.mode in SIXTEEN_BIT_MODES or values.max(initial=0) > 255 else 8
+        steps.append(f"{bits}-bit grayscale -> 8-bit")
+        eight = Image.fromarray(np.clip(values >> (bits - 8), 0, 255).astype(np.uint8))
+        eight.info = image.info
+        return eight
+    return image
+
+
+def _colour_manage(image: Image.Image, settings: DictConfig, steps: list[str]) -> Image.Image:
+    """Embedded ICC profile -> sRGB (alpha kept aside); a broken profile is noted and ignored."""
+    icc = image.info.get("icc_profile")
+    if not icc or image.mode not in {"RGB", "RGBA", "CMYK", "L"}:
+        return image
+    try:
+        source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+        intent = ImageCms.Intent[str(settings.rendering_intent).upper()]
+        alpha = image.getchannel("A") if image.mode == "RGBA" else None
+        colour = image.convert("RGB") if alpha is not None else image
+        converted = ImageCms.profileToProfile(colour, source, SRGB, renderingIntent=intent, outputMode="RGB")
+    except (ImageCms.PyCMSError, OSError, ValueError, KeyError) as error:
+        steps.append(f"ICC profile ignored ({error})")
+        return image
+    steps.append(f"ICC profile '{ImageCms.getProfileDescription(source).strip()}' -> sRGB")
+    if alpha is not None:
+        converted.putalpha(alpha)
+    return converted
+
+
+def normalise(image: Image.Image, settings: DictConfig, steps: list[str]) -> Image.Image:
+    """Any decoded image -> 8-bit sRGB RGB, upright, at most `max_long_side` px on its long side."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    if orientation in range(2, 9):
+        image = ImageOps.exif_transpose(image)
+        steps.append(f"EXIF orientation {orientation} applied")
+    image = _to_eight_bit(image, steps)
+    if image.mode in PLAIN_MODES:
+        target = PLAIN_MODES[image.mode]
+        if image.mode == "P" and "transparency" in image.info:
+            target = "RGBA"
+        steps.append(f"{image.mode} -> {target}")
+        image = image.convert(target)
+    if image.mode not in {"RGB", "RGBA", "CMYK", "L"}:
+        raise ScanRejected("unsupported_mode", f"unsupported pixel mode {image.mode}")
+    image = _colour_manage(image, settings, steps)
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, tuple(int(v) for v in settings.alpha_background))
+        background.paste(image, mask=image.getchannel("A"))
+        steps.append(f"alpha composited onto {tuple(settings.alpha_background)}")
+        image = background
+    elif image.mode != "RGB":
+        steps.append(f"{image.mode} -> RGB")
+        image = image.convert("RGB")
+    if max(image.size) > settings.max_long_side:
+        scale = settings.max_long_side / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        steps.append(f"downscaled from {image.width}x{image.height} to {size[0]}x{size[1]}")
+        image = image.resize(size, Image.Resampling.LANCZOS)
+    image.info = {}  # no stale ICC profile or EXIF travels into the normalised PNG
+    return image
+
+
+def _dct_matrix(size: int) -> np.ndarray:
+    """Orthonormal DCT-II basis: row k is frequency k."""
+    k = np.arange(size)[:, None]
+    n = np.arange(size)[None, :]
+    basis = np.cos(np.pi * (2 * n + 1) * k / (2 * size)) * np.sqrt(2 / size)
+    basis[0] /= np.sqrt(2)
+    return basis
+
+
+_DCT32 = _dct_matrix(32)
+
+
+def perceptual_hash(image: Image.Image) -> int:
+    """64-bit pHash: signs (against the median) of the 8x8 lowest DCT frequencies of a 32x32
+    grayscale copy. Re-encoding or resizing flips few bits; different pictures about half."""
+    gray = np.asarray(image.convert("L").resize((32, 32), Image.Resampling.BOX), dtype=np.float64)
+    low = (_DCT32 @ gray @ _DCT32.T)[:8, :8].ravel()
+    bits = low > np.median(low[1:])  # the DC term would skew the median
+    return int("".join("1" if bit else "0" for bit in bits), 2)
+
+
+def hamming(a: int, b: int) -> int:
+    return (a ^ b).bit_count()
+
+
+def read_sidecar(path: Path) -> str | None:
+    """A caption file as one clean line: UTF-8 (BOM allowed), NFC, control characters removed."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ScanRejected(
+            "bad_sidecar", f"sidecar {path.name} is not UTF-8 (byte {error.start}: {error.reason})"
+        ) from None
+    text = unicodedata.normalize("NFC", text)
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    return " ".join(text.split()) or None
+
+
+def list_scans(root: Path, sidecar_suffix: str) -> list[tuple[Path, Path | None]]:
+    """(file, its sidecar or None) for every file under root, in a stable order. A .txt file is a
+    sidecar when another file in its folder shares its stem; otherwise it is a candidate scan."""
+    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    suffix = sidecar_suffix.lower()
+    sidecars = {(p.parent, p.stem): p for p in files if p.suffix.lower() == suffix}
+    stems_with_scans = {(p.parent, p.stem) for p in files if p.suffix.lower() != suffix}
+    pairs = []
+    for path in files:
+        key = (path.parent, path.stem)
+        if path.suffix.lower() == suffix and key in stems_with_scans:
+            continue
+        pairs.append((path, sidecars.get(key) if path.suffix.lower() != suffix else None))
+    return pairs
+
+
+def _check_shape(width: int, height: int, settings: DictConfig) -> None:
+    aspect = max(width, height) / min(width, height)
+    if aspect > settings.max_aspect:
+        raise ScanRejected(
+            "extreme_aspect",
+            f"aspect ratio {aspect:.2f} ({width}x{height}) is over max_aspect={settings.max_aspect}",
+        )
+    if min(width, height) < settings.min_side:
+        raise ScanRejected(
+            "too_small",
+            f"{width}x{height}: short side {min(width, height)} px is under min_side={settings.min_side}",
+        )
+
+
+def _empty_row(source: str) -> dict:
+    return {
+        "id": None, "source": source, "sha256": None, "phash": None, "width": None, "height": None,
+        "status": "rejected", "reason": "", "reason_code": "", "sidecar_text": None, "sidecar_error": None,
+        "format": None, "mode": None, "declared_size": None, "steps": [],
+    }  # fmt: skip
+
+
+class Deduplicator:
+    """First seen wins: later scans with the same normalised pixels (sha256) are duplicates, those
+    within `max_distance` perceptual-hash bits of a kept scan are near-duplicates."""
+
+    def __init__(self, max_distance: int):
+        self.max_distance = max_distance
+        self.by_digest: dict[str, str] = {}
+        self.hashes: list[tuple[int, str]] = []
+
+    def check(self, digest: str, phash: int) -> None:
+        if digest in self.by_digest:
+            raise ScanRejected("duplicate", f"same pixels as {self.by_digest[digest]}")
+        for kept, source in self.hashes:
+            distance = hamming(phash, kept)
+            if distance <= self.max_distance:
+                raise ScanRejected(
+                    "near_duplicate",
+                    f"near-duplicate of {source} (perceptual hash distance {distance}"
+                    f" <= {self.max_distance})",
+                )
+
+    def keep(self, digest: str, phash: int, source: str) -> None:
+        self.by_digest[digest] = source
+        self.hashes.append((phash, source))
+
+
+def ingest_file(
+    path: Path, source: str, sidecar: Path | None, settings: DictConfig, seen: Deduplicator, images_dir: Path
+) -> tuple[dict, Image.Image | None]:
+    """One manifest row for one file, and the normalised scan when it is accepted (written to
+    images_dir/<id>.png). Never raises for a bad file: the row says what is wrong with it."""
+    row = _empty_row(source)
+    try:
+        with _open(path, settings, row) as raw:
+            image = normalise(raw, settings, row["steps"])
+        row.update(width=image.width, height=image.height)
+        _check_shape(image.width, image.height, settings)
+        digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
+        phash = perceptual_hash(image)
+        row.update(sha256=digest, phash=f"{phash:016x}")
+        try:
+            seen.check(digest, phash)
+        except ScanRejected as duplicate:
+            row.update(status="duplicate", reason_code=duplicate.code, reason=duplicate.message)
+            return row, None
+    except ScanRejected as rejected:
+        row.update(status="rejected", reason_code=rejected.code, reason=rejected.message)
+        return row, None
+    except Exception as error:  # one strange file never stops the others
+        row.update(status="rejected", reason_code="error", reason=f"{type(error).__name__}: {error}")
+        return row, None
+    seen.keep(digest, phash, source)
+    row.update(id=digest[:16], status="accepted")  # only accepted rows get an id: ids are unique
+    image.save(images_dir / f"{row['id']}.png", "PNG", compress_level=int(settings.png_compress_level))
+    if sidecar is not None:
+        try:
+            row["sidecar_text"] = read_sidecar(sidecar)
+        except ScanRejected as rejected:
+            row["sidecar_error"] = rejected.message
+    return row, image
+
+
+def summarise(root: Path, rows: list[dict]) -> dict:
+    accepted = sum(row["status"] == "accepted" for row in rows)
+    reasons = Counter(row["reason_code"] for row in rows if row["status"] != "accepted")
+    detail = ", ".join(f"{n} {code}" for code, n in sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    bad_sidecars = sum(row["sidecar_error"] is not None for row in rows)
+    line = (
+        f"ingest: {len(rows)} read, {accepted} accepted, {len(rows) - accepted} rejected: {detail or 'none'}"
+    )
+    return {
+        "scans_dir": str(root),
+        "read": len(rows),
+        "accepted": accepted,
+        "rejected": len(rows) - accepted,
+        "duplicates": sum(row["status"] == "duplicate" for row in rows),
+        "reasons": dict(sorted(reasons.items())),
+        "sidecars": sum(row["sidecar_text"] is not None for row in rows),
+        "sidecars_rejected": bad_sidecars,
+        "line": line + (f"; {bad_sidecars} sidecar(s) rejected" if bad_sidecars else ""),
+    }
+
+
+def run(cfg: DictConfig) -> dict:
+    """Ingest every file under data.scans_dir into data/ingest."""
+    settings = cfg.data.ingest
+    root = Path(cfg.data.scans_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"ingest: scans folder {root} does not exist (set data.scans_dir)")
+    pairs = list_scans(root, settings.sidecar_suffix)
+    if not pairs:
+        raise ValueError(f"ingest: scans folder {root} holds no files")
+
+    with stage_run(cfg, "ingest", sections=("data",)), staged_dir(stage_dir(cfg, "ingest")) as staging:
+        import mlflow
+
+        (staging / "images").mkdir()
+        seen = Deduplicator(int(settings.phash_max_distance))
+        rows, thumbs = [], []
+        with decompression_guard(settings.max_image_pixels):
+            for path, sidecar in tqdm(pairs, desc="ingest", unit="file"):
+                source = path.relative_to(root).as_posix()
+                row, image = ingest_file(path, source, sidecar, settings, seen, staging / "images")
+                rows.append(row)
+                if image is not None:
+                    image.thumbnail((settings.thumbnail_long_side,) * 2, Image.Resampling.BOX)
+                    thumbs.append((path.name, image))
+        summary = summarise(root, rows)
+        if not summary["accepted"]:
+            listing = "\n".join(f"  {row['source']}: {row['reason']}" for row in rows[:30])
+            raise ValueError(f"{summary['line']}\ningest: no valid scan in {root}:\n{listing}")
+        write_jsonl(staging / "manifest.jsonl", rows)
+        (staging / "summary.json").write_text(
+            json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
+        counts = {key: summary[key] for key in ("read", "accepted", "rejected", "duplicates")}
+        mlflow.log_metrics(counts | {f"rejected.{code}": n for code, n in summary["reasons"].items()})
+        sheet = thumbnail_sheet(thumbs, int(settings.thumbnail_long_side))
+        mlflow.log_image(sheet, artifact_file="pictures/ingest_accepted.png")
+        mlflow.log_artifact(str(staging / "manifest.jsonl"))
+        mlflow.log_artifact(str(staging / "summary.json"))
+    print(summary["line"])
+    for row in rows:
+        if row["status"] != "accepted":
+            print(f"  {row['status']}: {row['source']}: {row['reason']}")
+        if row["sidecar_error"]:
+            print(f"  sidecar rejected: {row['source']}: {row['sidecar_error']}")
+    return summary
+
+
+main = hydra_entry(run)

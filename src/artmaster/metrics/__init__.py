@@ -1,0 +1,41 @@
+"""Style-fidelity metrics: how closely images follow one painter's works.
+
+Typical use (settings from `cfg.evaluate.metrics`, conf/evaluate/default.yaml)::
+
+    extractor = StyleFeatureExtractor.from_config(cfg.evaluate.metrics)
+    reference, _ = extractor.extract_folder(painter_dir)
+    model = StyleModel.fit(reference, cfg.evaluate.metrics)
+    images, skipped = extractor.extract_folder(generated_dir)
+    model.score(images)           # style_score per image, higher = closer to the painter
+    model.set_distance(images)    # KID against the references, with a bootstrap interval
+    model.score_region(extractor.region_features(image, box)).worst_block
+"""
+
+from artmaster.metrics.features import (
+    FeatureSet,
+    FeatureSettings,
+    ImageReadError,
+    StyleFeatureExtractor,
+    image_files,
+    load_rgb,
+)
+from artmaster.metrics.model import ModelSettings, RegionScore, StyleModel, Validation, validate
+from artmaster.metrics.stats import Interval, PermutationTest, bootstrap_mean, paired_permutation_test
+
+__all__ = [
+    "FeatureSet",
+    "FeatureSettings",
+    "ImageReadError",
+    "Interval",
+    "ModelSettings",
+    "PermutationTest",
+    "RegionScore",
+    "StyleFeatureExtractor",
+    "StyleModel",
+    "Validation",
+    "bootstrap_mean",
+    "image_files",
+    "load_rgb",
+    "paired_permutation_test",
+    "validate",
+]

@@ -1,0 +1,110 @@
+"""Hydra callback for sweeps (`artmaster <stage> -m a=1,2 b=x,y`): one MLflow parent run per
+multirun, every job's stage run nested under it, and a summary table of the points.
+
+The parent run opens before the first job and stays active while the jobs run in this process, so
+`artmaster.tracking.stage_run` nests each job's run under it. After every job (finished or failed)
+the table is rewritten from MLflow: one row per child run, with the parameters that differ between
+children and the children's final metrics, as <sweep dir>/summary.csv and summary.md and as
+artifacts of the parent run. Registered in conf/config.yaml under `hydra.callbacks`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+
+class SweepTracking(Callback):
+    def __init__(self) -> None:
+        self.parent_run_id: str | None = None
+        self.sweep_dir: Path | None = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        from artmaster.tracking import _experiment_id, tracking_uri
+
+        mlflow.set_tracking_uri(tracking_uri(config))
+        self.sweep_dir = Path(config.hydra.sweep.dir)
+        overrides = " ".join(config.hydra.overrides.task)
+        run = mlflow.start_run(
+            run_name=f"sweep {config.hydra.job.name}: {overrides}"[:250],
+            experiment_id=_experiment_id(mlflow, config),
+        )
+        mlflow.set_tags({"artmaster.sweep": "parent", "sweep_dir": str(self.sweep_dir),
+                         "hydra_overrides": overrides[:5000]})
+        self.parent_run_id = run.info.run_id
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        if self.parent_run_id is not None:
+            self.write_summary()
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        import mlflow
+
+        if self.parent_run_id is None:
+            return
+        rows = self.write_summary()
+        mlflow.log_metric("sweep_points", len(rows))
+        mlflow.end_run()
+        print(f"sweep: {len(rows)} point(s); summary in {self.sweep_dir / 'summary.md'}")
+        self.parent_run_id = None
+
+    def write_summary(self) -> list[dict]:
+        import mlflow
+
+        children = mlflow.MlflowClient().search_runs(
+            [mlflow.get_run(self.parent_run_id).info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{self.parent_run_id}'",
+            order_by=["attributes.start_time ASC"],
+        )
+        rows = summary_rows(children)
+        self.sweep_dir.mkdir(parents=True, exist_ok=True)
+        csv_text, markdown = render_summary(rows)
+        for name, text in (("summary.csv", csv_text), ("summary.md", markdown)):
+            path = self.sweep_dir / name
+            tmp = path.with_name(f".{name}.tmp")
+            tmp.write_text(text, encoding="utf-8")
+            tmp.replace(path)
+            mlflow.log_artifact(str(path))
+        return rows
+
+
+def summary_rows(children: list) -> list[dict]:
+    """One row per child run: the parameters that vary across children, then its final metrics
+    (`final_*` metrics when the stage logs them, else every metric's latest value)."""
+    params = [run.data.params for run in children]
+    varying = sorted({k for p in params for k in p if len({q.get(k) for q in params}) > 1})
+    rows = []
+    for run, run_params in zip(children, params):
+        metrics = run.data.metrics
+        final = {k: v for k, v in metrics.items() if k.startswith("final_")} or metrics
+        rows.append({
+            "run": run.info.run_name,
+            "status": run.info.status,
+            **{k: run_params.get(k, "") for k in varying},
+            **dict(sorted(final.items())),
+            "run_id": run.info.run_id,
+        })
+    return rows
+
+
+def render_summary(rows: list[dict]) -> tuple[str, str]:
+    """(CSV, Markdown) of the rows; columns are the union of the rows' keys in first-seen order."""
+    columns = list(dict.fromkeys(key for row in rows for key in row)) or ["run"]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+
+    def cell(value: Any) -> str:
+        return f"{value:.6g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return buffer.getvalue(), "\n".join(lines) + "\n"

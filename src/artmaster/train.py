@@ -1,0 +1,1126 @@
+"""Stage `train`: AdaLoRA fine-tuning of the FLUX transformer on the painter's captioned crops.
+
+Reads data/crop (crops.jsonl + PNGs), data/caption/captions.jsonl and the model profile (the tiny
+profile from data/base/pipeline). Writes data/train/, or <sweep job dir>/train inside a Hydra
+multirun so sweep points never share outputs:
+
+  cache/             VAE posterior and text embeddings per crop (safetensors, content-hash keyed)
+  checkpoints/       step-XXXXXX full resumable checkpoints (last `checkpoint.keep`)
+  adapter/           the peft AdaLoRA folder
+  lora/              plain LoRA (diffusers + kohya safetensors) with its README.md model card
+  ranks.json, ranks.png, samples/, metrics.json, loss.csv
+
+The run, top to bottom: read crops and captions -> encode each once into the cache -> free the
+encoders -> plan aspect-bucketed batches for every epoch -> wrap the transformer with AdaLoRA ->
+AdamW + lr schedule -> resume from the last checkpoint -> loop over optimizer steps (forward and
+backward per micro-batch, clip, step, schedule, rank allocation, EMA) with logging, validation,
+samples and checkpoints every few steps -> export. `accelerate launch` runs the same loop as DDP.
+"""
+
+from __future__ import annotations
+
+import csv
+import gc
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import re
+import shutil
+import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from artmaster import flux_math
+from artmaster.config import hydra_entry, params_hash, stage_dir
+from artmaster.crop import read_jsonl, staged_dir
+from artmaster.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+# train keys that change neither the math nor the data order: a checkpoint stays resumable
+# when only these differ
+RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation", "log_every", "cpu_threads")
+
+
+# --- where outputs go ---------------------------------------------------------------------------
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    """data/train, or the sweep job's own folder inside a Hydra multirun."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return Path(HydraConfig.get().runtime.output_dir) / "train"
+    return stage_dir(cfg, "train")
+
+
+def write_atomic(path: Path, data: bytes | str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+    tmp.replace(path)
+
+
+# --- examples: crops joined with their captions -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    sample_id: str
+    image_path: Path
+    caption: str
+    size: tuple[int, int]  # (width, height) in pixels after train.image_scale
+
+
+def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
+    """Pixel size after `scale`; FLUX needs both sides divisible by 16 (VAE /8, then 2x2 patches)."""
+    size = (round(width * scale), round(height * scale))
+    if size[0] % 16 or size[1] % 16 or min(size) <= 0:
+        raise ValueError(
+            f"{width}x{height} scaled by train.image_scale={scale} is {size[0]}x{size[1]}; "
+            "both sides must be positive multiples of 16"
+        )
+    return size
+
+
+def load_examples(cfg: DictConfig) -> list[Example]:
+    """Every crop that has a caption; a crop that cannot be used is reported and skipped."""
+    crop_dir = stage_dir(cfg, "crop").resolve()
+    captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
+    captions = {str(row["crop_id"]): str(row["caption"]) for row in read_jsonl(captions_file)}
+    examples, problems = [], []
+    for row in read_jsonl(crop_dir / "crops.jsonl"):
+        crop_id = str(row.get("crop_id", ""))
+        path = (crop_dir / str(row.get("path", ""))).resolve()
+        if crop_id not in captions:
+            problems.append(f"{crop_dir / 'crops.jsonl'}: crop {crop_id!r} has no caption in {captions_file}")
+        elif not path.is_relative_to(crop_dir) or not path.is_file():
+            problems.append(f"{path}: crop {crop_id!r} image missing or outside {crop_dir}")
+        else:
+            try:
+                size = scaled_size(int(row["width"]), int(row["height"]), float(cfg.train.image_scale))
+            except (KeyError, ValueError) as error:
+                problems.append(f"{path}: crop {crop_id!r}: {error}")
+                continue
+            examples.append(Example(crop_id, path, captions[crop_id], size))
+    for problem in problems:
+        log.error("train: skipping %s", problem)
+    if not examples:
+        raise ValueError(f"train: no usable crop in {crop_dir} ({len(problems)} skipped: {'; '.join(problems[:3])})")
+    return sorted(examples, key=lambda e: e.sample_id)
+
+
+# --- cache: VAE posterior + text embeddings, once per crop and caption --------------------------
+
+
+def encoder_fingerprint(model_cfg: DictConfig) -> str:
+    """What the cached encodings depend on: the encoders' weights, dtype and text length.
+
+    Local folders are fingerprinted by each encoder file's size and its first and last MiB, so a
+    retrained tiny base model invalidates the cache without hashing gigabytes of T5 weights.
+    """
+    record = {
+        "dtype": model_cfg.dtype,
+        "max_sequence_length": model_cfg.max_sequence_length,
+        "profile": model_cfg.profile,
+        "repo_id": model_cfg.repo_id,
+        "revision": model_cfg.revision,
+    }
+    if model_cfg.profile == "flux_dev_random":
+        record["architecture"] = OmegaConf.to_container(model_cfg.architecture, resolve=True)
+        record["seed"] = model_cfg.seed
+    elif model_cfg.path:
+        root = Path(model_cfg.path)
+        files = {}
+        for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            for path in sorted((root / part).rglob("*")):
+                if path.is_file():
+                    files[str(path.relative_to(root))] = _file_sample_hash(path)
+        record["files"] = files
+    return params_hash(record)
+
+
+def _file_sample_hash(path: Path, chunk: int = 1 << 20) -> str:
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with path.open("rb") as handle:
+        digest.update(handle.read(chunk))
+        if size > chunk:
+            handle.seek(max(chunk, size - chunk))
+            digest.update(handle.read(chunk))
+    return digest.hexdigest()[:16]
+
+
+def load_pixels(example: Example) -> torch.Tensor:
+    """(3, H, W) in [-1, 1] at the example's scaled size."""
+    with Image.open(example.image_path) as opened:
+        image = opened.convert("RGB")
+    if image.size != example.size:
+        image = image.resize(example.size, Image.Resampling.LANCZOS)
+    array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def sample_key(example: Example, pixels: torch.Tensor, fingerprint: str) -> str:
+    digest = hashlib.sha256()
+    for part in (example.sample_id, example.caption, fingerprint):
+        digest.update(part.encode("utf-8") + b"\0")
+    digest.update(pixels.numpy().tobytes())
+    return digest.hexdigest()
+
+
+def prompt_key(prompt: str, fingerprint: str) -> str:
+    return hashlib.sha256(f"prompt\0{prompt}\0{fingerprint}".encode("utf-8")).hexdigest()
+
+
+def encode_prompts(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """T5 sequence (N, L, D) and CLIP pooled (N, P) embeddings."""
+    with torch.no_grad():
+        prompt_embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
+        )
+    return prompt_embeds, pooled
+
+
+def encode_image(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The VAE posterior of one image: mean and std, (16, H/8, W/8) each."""
+    with torch.no_grad():
+        posterior = vae.encode(pixels[None].to(vae.device, vae.dtype)).latent_dist
+    return posterior.mean[0], posterior.std[0]
+
+
+def _read_cached(path: Path, expected_id: str) -> dict[str, torch.Tensor] | None:
+    if not path.is_file():
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            if (handle.metadata() or {}).get("sample_id") != expected_id:
+                return None
+        return load_file(str(path))
+    except Exception as error:  # a torn or foreign file is recomputed, never trusted
+        log.warning("train: ignoring unreadable cache file %s (%s)", path, error)
+        return None
+
+
+def _write_cached(path: Path, tensors: dict[str, torch.Tensor], sample_id: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    save_file(plain, str(tmp), metadata={"sample_id": sample_id})
+    tmp.replace(path)
+
+
+@dataclass
+class Encoded:
+    examples: list[Example]  # those that could be read and encoded
+    samples: dict[str, dict[str, torch.Tensor]]  # sample id -> latent_mean, latent_std, prompt_embeds, pooled
+    prompts: dict[str, dict[str, torch.Tensor]]  # sample prompt -> prompt_embeds, pooled_prompt_embeds
+    sample_files: dict[str, str]  # sample id -> cache file name (its content hash)
+    prompt_files: set[str]
+
+    @property
+    def files(self) -> set[str]:
+        return set(self.sample_files.values()) | self.prompt_files
+
+
+def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Path,
+                model_cfg: DictConfig, show_progress: bool = True) -> Encoded:
+    """Encodings for every example (by sample id) and every sample prompt (by prompt).
+
+    Each entry is read from cache_dir when its content hash matches, else computed and written.
+    A crop that cannot be encoded is reported and skipped.
+    """
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = encoder_fingerprint(model_cfg)
+    max_len = int(model_cfg.max_sequence_length)
+    kept, encodings, sample_files = [], {}, {}
+    for example in tqdm(examples, desc="train: cache", unit="crop", disable=not show_progress):
+        try:
+            pixels = load_pixels(example)
+        except OSError as error:
+            log.error("train: skipping %s: %s", example.image_path, error)
+            continue
+        path = cache_dir / f"{sample_key(example, pixels, fingerprint)}.safetensors"
+        entry = _read_cached(path, example.sample_id)
+        if entry is None:
+            mean, std = encode_image(pipe.vae, pixels)
+            prompt_embeds, pooled = encode_prompts(pipe, [example.caption], max_len)
+            entry = {"latent_mean": mean, "latent_std": std,
+                     "prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
+            _write_cached(path, entry, example.sample_id)
+        encodings[example.sample_id] = entry
+        kept.append(example)
+        sample_files[example.sample_id] = path.name
+    prompt_encodings, prompt_files = {}, set()
+    for prompt in prompts:
+        path = cache_dir / f"{prompt_key(prompt, fingerprint)}.safetensors"
+        entry = _read_cached(path, prompt)
+        if entry is None:
+            prompt_embeds, pooled = encode_prompts(pipe, [prompt], max_len)
+            entry = {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
+            _write_cached(path, entry, prompt)
+        prompt_encodings[prompt] = entry
+        prompt_files.add(path.name)
+    if not kept:
+        raise ValueError(f"train: no crop could be encoded (see the errors above); cache {cache_dir}")
+    return Encoded(kept, encodings, prompt_encodings, sample_files, prompt_files)
+
+
+def prune_cache(cache_dir: Path, used: set[str]) -> None:
+    """Drop encodings no longer referenced, so a persistent cache does not grow without bound."""
+    for path in cache_dir.glob("*.safetensors"):
+        if path.name not in used:
+            path.unlink()
+
+
+def free_encoders(pipe) -> None:
+    """Training needs the transformer and, for samples, the VAE decoder: drop everything else."""
+    pipe.text_encoder = None
+    pipe.text_encoder_2 = None
+    pipe.vae.encoder = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# --- the batch plan: aspect buckets, repeats, epochs, ranks ------------------------------------
+
+
+def seeded_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded from named parts, so every step's randomness is reproducible on resume."""
+    seed = int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def epoch_batches(ids_by_size: dict[tuple[int, int], list[str]], repeats: int, batch_size: int,
+                  generator: torch.Generator) -> list[list[str]]:
+    """One epoch: each id `repeats` times, shuffled within its bucket, batched, batches shuffled."""
+    batches = []
+    for size in sorted(ids_by_size):
+        ids = ids_by_size[size] * repeats
+        order = torch.randperm(len(ids), generator=generator).tolist()
+        shuffled = [ids[i] for i in order]
+        batches += [shuffled[i : i + batch_size] for i in range(0, len(shuffled), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
+def rank_plan(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, repeats: int, batch_size: int,
+              world_size: int, rank: int, seed: int) -> list[list[str]]:
+    """This rank's micro-batches over all epochs; every rank gets the same count (DDP lockstep)."""
+    plan = []
+    for epoch in range(epochs):
+        batches = epoch_batches(ids_by_size, repeats, batch_size, seeded_generator(seed, "epoch", epoch))
+        per_rank = len(batches) // world_size
+        plan += batches[rank::world_size][:per_rank]
+    return plan
+
+
+def optimizer_steps(micro_batches: int, accumulation: int) -> int:
+    steps = micro_batches // accumulation
+    if steps < 1:
+        raise ValueError(
+            f"train: {micro_batches} micro-batches per rank make no optimizer step with "
+            f"gradient_accumulation={accumulation}; add crops, repeats or epochs"
+        )
+    return steps
+
+
+# --- batches and the training step ---------------------------------------------------------------
+
+
+def on_device(encodings: dict[str, dict[str, torch.Tensor]], device, model_dtype: torch.dtype) -> dict:
+    """Every encoding on the training device once (no copies in the loop): VAE posteriors in fp32
+    for the flow maths, text embeddings in the transformer's dtype."""
+    return {
+        sample_id: {name: t.to(device, torch.float32 if name.startswith("latent") else model_dtype)
+                    for name, t in entry.items()}
+        for sample_id, entry in encodings.items()
+    }
+
+
+@dataclass
+class Batch:
+    latent_mean: torch.Tensor  # (B, 16, h, w)
+    latent_std: torch.Tensor
+    prompt_embeds: torch.Tensor  # (B, L, D)
+    pooled_prompt_embeds: torch.Tensor  # (B, P)
+    image_ids: torch.Tensor  # (h/2 * w/2, 3)
+    txt_ids: torch.Tensor  # (L, 3)
+
+
+def make_batch(encodings: dict[str, dict[str, torch.Tensor]], ids: list[str]) -> Batch:
+    entries = [encodings[sample_id] for sample_id in ids]
+    mean = torch.stack([e["latent_mean"] for e in entries])
+    prompt_embeds = torch.stack([e["prompt_embeds"] for e in entries])
+    return Batch(
+        latent_mean=mean,
+        latent_std=torch.stack([e["latent_std"] for e in entries]),
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=torch.stack([e["pooled_prompt_embeds"] for e in entries]),
+        image_ids=flux_math.latent_image_ids(mean.shape[2], mean.shape[3], device=mean.device),
+        txt_ids=flux_math.text_ids(prompt_embeds.shape[1], device=mean.device),
+    )
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    vae_shift: float
+    vae_scale: float
+    guidance: float | None  # None for transformers without a guidance embedding
+    logit_mean: float
+    logit_std: float
+    resolution_shift: bool
+    orth_reg_weight: float
+    model_dtype: torch.dtype  # the transformer's input dtype; the flow maths itself runs in fp32
+
+
+def flow_settings(cfg: DictConfig, transformer, vae_config) -> FlowSettings:
+    flow = cfg.train.flow
+    return FlowSettings(
+        vae_shift=float(vae_config.shift_factor or 0.0),
+        vae_scale=float(vae_config.scaling_factor),
+        guidance=float(flow.guidance) if transformer.config.guidance_embeds else None,
+        logit_mean=float(flow.logit_mean),
+        logit_std=float(flow.logit_std),
+        resolution_shift=bool(flow.resolution_shift),
+        orth_reg_weight=float(cfg.train.adalora.orth_reg_weight),
+        model_dtype=transformer.dtype,
+    )
+
+
+def flow_matching_loss(model, batch: Batch, flow: FlowSettings, generator: torch.Generator) -> torch.Tensor:
+    """MSE between the predicted and the true velocity at a random noise level per sample."""
+    latents = flux_math.vae_latents(batch.latent_mean, batch.latent_std, flow.vae_shift, flow.vae_scale, generator)
+    tokens = flux_math.pack_latents(latents)
+    noise = torch.randn(tokens.shape, generator=generator, device=tokens.device, dtype=tokens.dtype)
+    mu = flux_math.resolution_shift_mu(tokens.shape[1]) if flow.resolution_shift else None
+    sigmas = flux_math.sample_sigmas(len(tokens), generator=generator, device=tokens.device,
+                                     logit_mean=flow.logit_mean, logit_std=flow.logit_std, mu=mu)
+    guidance = None if flow.guidance is None else flux_math.guidance_vector(flow.guidance, len(tokens), tokens.device)
+    prediction = flux_math.predict_velocity(
+        model, flux_math.noisy_latents(tokens, noise, sigmas).to(flow.model_dtype), sigmas,
+        prompt_embeds=batch.prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
+        image_ids=batch.image_ids, txt_ids=batch.txt_ids, guidance=guidance,
+    )
+    return F.mse_loss(prediction.float(), flux_math.velocity_target(tokens, noise).float())
+
+
+class AdapterEMA:
+    """Exponential moving average of the trainable adapter tensors (fp32 shadow copies)."""
+
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]], decay: float):
+        self.names = [name for name, _ in named_params]
+        self.params = [param for _, param in named_params]
+        self.shadow = [param.detach().float().clone() for param in self.params]
+        self.decay = decay
+
+    @torch.no_grad()
+    def update(self) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @contextmanager
+    def applied(self):
+        """Swap the averages in; singular values that AdaLoRA masked to zero stay zero."""
+        live = [param.detach().clone() for param in self.params]
+        with torch.no_grad():
+            for name, param, average in zip(self.names, self.params, self.shadow):
+                value = average * (param != 0) if ".lora_E." in name else average
+                param.copy_(value)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for param, value in zip(self.params, live):
+                    param.copy_(value)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.shadow = [state[name].to(s.device, s.dtype) for name, s in zip(self.names, self.shadow)]
+
+
+@dataclass
+class TrainingState:
+    """Everything one optimizer step touches."""
+
+    accelerator: object
+    model: torch.nn.Module  # the adapter model as prepared by accelerate (DDP-wrapped when distributed)
+    adapter: torch.nn.Module  # the unwrapped peft model
+    named_params: list[tuple[str, torch.nn.Parameter]]
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    allocator: object
+    flow: FlowSettings
+    max_grad_norm: float
+    ema: AdapterEMA | None = None
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [param for _, param in self.named_params]
+
+
+def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: int, accelerator) -> TrainingState:
+    """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA."""
+    from accelerate.utils import set_seed
+    from diffusers.optimization import get_scheduler
+
+    from artmaster.adalora import FastRankAllocator, wrap_with_adalora
+
+    settings = cfg.train
+    transformer.requires_grad_(False)
+    if settings.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()  # non-reentrant: AdaLoRA needs every grad
+    set_seed(int(cfg.seed))  # the adapter's initial values come from the global RNG
+    adapter = wrap_with_adalora(transformer, settings.adalora, total_step)
+    named_params = [(name, param) for name, param in adapter.named_parameters() if param.requires_grad]
+    for _, param in named_params:
+        param.data = param.data.float()  # bf16 base weights, fp32 adapter and optimizer state
+    optim = settings.optim
+    on_cuda = all(param.is_cuda for _, param in named_params)
+    fused = on_cuda if optim.fused == "auto" else bool(optim.fused)
+    optimizer = torch.optim.AdamW(
+        [param for _, param in named_params], lr=float(optim.lr), betas=tuple(optim.betas),
+        weight_decay=float(optim.weight_decay), eps=float(optim.eps), fused=fused,
+    )
+    scheduler = get_scheduler(
+        settings.lr_schedule.name, optimizer,
+        num_warmup_steps=round(float(settings.lr_schedule.warmup_fraction) * total_step),
+        num_training_steps=total_step,
+    )
+    allocator = FastRankAllocator(adapter)
+    model = accelerator.prepare(adapter)
+    ema = AdapterEMA(named_params, float(settings.ema.decay)) if settings.ema.enabled else None
+    max_norm = settings.optim.max_grad_norm
+    return TrainingState(
+        accelerator=accelerator, model=model, adapter=adapter, named_params=named_params,
+        optimizer=optimizer, scheduler=scheduler, allocator=allocator,
+        flow=flow_settings(cfg, transformer, vae_config),
+        max_grad_norm=float(max_norm) if max_norm else math.inf, ema=ema,
+    )
+
+
+def training_step(state: TrainingState, micro_batches: list[Batch], step: int,
+                  generators: list[torch.Generator]) -> dict[str, torch.Tensor]:
+    """One optimizer step (step = 1, 2, ...): forward and backward of every micro-batch, clip,
+    AdamW, lr schedule, AdaLoRA importance update and masking, EMA. Returns device tensors (no
+    host sync) and the rank budget the allocator's schedule allows at this step (a host int)."""
+    from artmaster.adalora import orthogonal_penalty
+
+    accelerator = state.accelerator
+    count = len(micro_batches)
+    mse_total = orth_total = 0.0
+    for index, (batch, generator) in enumerate(zip(micro_batches, generators)):
+        # gradients are all-reduced on the last micro-batch only
+        sync = nullcontext() if index == count - 1 else accelerator.no_sync(state.model)
+        with sync:
+            mse = flow_matching_loss(state.model, batch, state.flow, generator)
+            orth = orthogonal_penalty(state.adapter)
+            accelerator.backward((mse + state.flow.orth_reg_weight * orth) / count)
+        mse_total = mse_total + mse.detach() / count
+        orth_total = orth_total + orth.detach() / count
+    grad_norm = accelerator.clip_grad_norm_(state.params, state.max_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    allocation = state.allocator.update_and_allocate(step)  # after the step, before zero_grad: it reads grads
+    if state.ema is not None:
+        state.ema.update()
+    state.optimizer.zero_grad(set_to_none=True)
+    return {"loss": mse_total + state.flow.orth_reg_weight * orth_total, "mse": mse_total,
+            "orthogonal": orth_total, "grad_norm": grad_norm, "rank_budget": allocation.budget}
+
+
+def active_rank(adapter) -> torch.Tensor:
+    """Total number of unmasked singular values over all adapted modules (a device tensor)."""
+    counts = [torch.count_nonzero(p) for n, p in adapter.named_parameters() if ".lora_E." in n]
+    return torch.stack(counts).sum()
+
+
+class NonFiniteWatch:
+    """Remembers the first step whose loss or gradient norm was not finite, on the device, so the
+    hot path never waits for the host; `check` (at logging and checkpoint steps) raises."""
+
+    def __init__(self, device):
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+
+    def observe(self, step: int, out: dict[str, torch.Tensor]) -> None:
+        bad = ~(torch.isfinite(out["loss"]) & torch.isfinite(out["grad_norm"]))
+        self.first_bad = torch.where(bad & (self.first_bad < 0), self.first_bad.new_full((), step), self.first_bad)
+
+    def check(self, accelerator, last_checkpoint: Path | None) -> None:
+        first_bad = self.first_bad
+        if accelerator.num_processes > 1:
+            first_bad = accelerator.reduce(first_bad.clone(), "max")
+        step = int(first_bad)
+        if step >= 0:
+            kept = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
+                    else "no checkpoint was written yet")
+            raise FloatingPointError(
+                f"train: loss or gradient became NaN/inf at step {step}; stopped, {kept}. "
+                "Lower train.optim.lr or set train.optim.max_grad_norm, then re-run (train.resume=auto "
+                "continues from that checkpoint)."
+            )
+
+
+# --- validation and samples ----------------------------------------------------------------------
+
+
+@dataclass
+class ValidationSet:
+    """Held samples at fixed noise levels with fixed noise: comparable across steps and runs."""
+
+    batches: list[Batch]
+    tokens: list[torch.Tensor]
+    noise: list[torch.Tensor]
+    sigmas: torch.Tensor
+
+
+def validation_set(encodings, ids: list[str], sigmas: list[float], seed: int, flow: FlowSettings,
+                   device) -> ValidationSet:
+    sigma_tensor = torch.tensor(sigmas, dtype=torch.float32, device=device)
+    batches, tokens, noise = [], [], []
+    for sample_id in ids:
+        batch = make_batch(encodings, [sample_id] * len(sigmas))
+        latents = (batch.latent_mean - flow.vae_shift) * flow.vae_scale  # posterior mean: no sampling noise
+        packed = flux_math.pack_latents(latents)
+        generator = seeded_generator(seed, "validation", sample_id, device=device)
+        batches.append(batch)
+        tokens.append(packed)
+        noise.append(torch.randn(packed.shape, generator=generator, device=device, dtype=packed.dtype))
+    return ValidationSet(batches, tokens, noise, sigma_tensor)
+
+
+@torch.no_grad()
+def validation_loss(model, vset: ValidationSet, flow: FlowSettings) -> torch.Tensor:
+    losses = []
+    for batch, tokens, noise in zip(vset.batches, vset.tokens, vset.noise):
+        count = len(tokens)
+        guidance = None if flow.guidance is None else flux_math.guidance_vector(flow.guidance, count, tokens.device)
+        prediction = flux_math.predict_velocity(
+            model, flux_math.noisy_latents(tokens, noise, vset.sigmas).to(flow.model_dtype), vset.sigmas,
+            prompt_embeds=batch.prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
+            image_ids=batch.image_ids, txt_ids=batch.txt_ids, guidance=guidance,
+        )
+        losses.append(F.mse_loss(prediction.float(), flux_math.velocity_target(tokens, noise).float()))
+    return torch.stack(losses).mean()
+
+
+def render_samples(pipe, prompt_encodings, settings: DictConfig, device) -> list[tuple[str, int, Image.Image]]:
+    """One image per (prompt, seed) at fixed settings, from the cached prompt embeddings."""
+    images = []
+    for prompt in settings.prompts:
+        entry = prompt_encodings[prompt]
+        for seed in settings.seeds:
+            image = pipe(
+                prompt_embeds=entry["prompt_embeds"][None].to(device, pipe.transformer.dtype),
+                pooled_prompt_embeds=entry["pooled_prompt_embeds"][None].to(device, pipe.transformer.dtype),
+                height=int(settings.height), width=int(settings.width),
+                num_inference_steps=int(settings.steps), guidance_scale=float(settings.guidance),
+                generator=torch.Generator(device=device).manual_seed(int(seed)),
+            ).images[0]
+            images.append((prompt, int(seed), image))
+    return images
+
+
+def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
+    width, height = images[0].size
+    rows = math.ceil(len(images) / columns)
+    grid = Image.new("RGB", (columns * width, rows * height), "white")
+    for index, image in enumerate(images):
+        grid.paste(image, ((index % columns) * width, (index // columns) * height))
+    return grid
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def rng_states() -> dict:
+    """Global RNG states (dropout and any library draw); our own draws use seeded generators."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [kind, keys.tolist(), position, has_gauss, cached],
+        "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+    }
+
+
+def set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    kind, keys, position, has_gauss, cached = states["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), position, has_gauss, cached))
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+def checkpoint_name(step: int) -> str:
+    return f"{CHECKPOINT_PREFIX}{step:06d}"
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "meta.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def save_checkpoint(folder: Path, state: TrainingState, step: int, micro_batches_done: int, fingerprint: str,
+                    history: list[dict], rng_by_rank: list[dict], keep: int) -> Path:
+    """Write step-XXXXXX atomically (staged folder, then rename) and keep the newest `keep`."""
+    target = folder / checkpoint_name(step)
+    try:
+        _write_checkpoint(target, state, step, micro_batches_done, fingerprint, history, rng_by_rank)
+    except OSError as error:
+        raise OSError(f"train: could not write checkpoint {target} ({error}); the previous checkpoints in "
+                      f"{folder} are intact") from error
+    for old in list_checkpoints(folder)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def _write_checkpoint(target: Path, state: TrainingState, step: int, micro_batches_done: int, fingerprint: str,
+                      history: list[dict], rng_by_rank: list[dict]) -> None:
+    with staged_dir(target) as staging:
+        tensors = {name: param.detach().cpu().contiguous() for name, param in state.named_params}
+        save_file(tensors, str(staging / "adapter.safetensors"))
+        if state.ema is not None:
+            averages = {k: v.cpu().contiguous() for k, v in state.ema.state_dict().items()}
+            save_file(averages, str(staging / "ema.safetensors"))
+        buffer = io.BytesIO()
+        torch.save(
+            {
+                "optimizer": state.optimizer.state_dict(),
+                "scheduler": state.scheduler.state_dict(),
+                "allocator": state.allocator.state_dict(),
+                "rng_by_rank": rng_by_rank,
+                "history": history,
+            },
+            buffer,
+        )
+        (staging / "training_state.pt").write_bytes(buffer.getvalue())
+        # the data position: the plan of batches is a pure function of the config, so the count of
+        # micro-batches consumed on each rank is all a resumed run needs
+        meta = {"step": step, "micro_batches_done": micro_batches_done, "fingerprint": fingerprint,
+                "time": time.time()}
+        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+
+
+def find_resume_checkpoint(folder: Path, resume: str, fingerprint: str) -> Path | None:
+    """`auto`: the newest checkpoint of this exact recipe; `never`: none; else a given folder."""
+    if resume == "never":
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not (path / "meta.json").is_file():
+            raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (expected {path / 'meta.json'})")
+        return path
+    for path in reversed(list_checkpoints(folder)):
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("fingerprint") == fingerprint:
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, state: TrainingState, rank: int) -> tuple[int, list[dict]]:
+    meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+    tensors = load_file(str(path / "adapter.safetensors"))
+    with torch.no_grad():
+        for name, param in state.named_params:
+            if name not in tensors:
+                raise KeyError(f"{path}: adapter.safetensors lacks {name} (a different target set?)")
+            param.copy_(tensors[name])
+    if state.ema is not None:
+        state.ema.load_state_dict(load_file(str(path / "ema.safetensors")))
+    saved = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.scheduler.load_state_dict(saved["scheduler"])
+    state.allocator.load_state_dict(saved["allocator"])
+    set_rng_states(saved["rng_by_rank"][rank])
+    return int(meta["step"]), list(saved["history"])
+
+
+def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int) -> str:
+    """Identity of a run's math and data order: checkpoints resume only into the same recipe on
+    the same crops, captions and encoders (the cache file names are their content hashes)."""
+    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in RESUME_NEUTRAL_KEYS}
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    return params_hash({"train": train, "model": model, "seed": cfg.seed, "world_size": world_size,
+                        "data": sample_files})
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA."""
+    from accelerate import Accelerator
+
+    settings = cfg.train
+    if settings.cpu_threads:
+        torch.set_num_threads(int(settings.cpu_threads))
+    use_cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
+    if not use_cpu:
+        # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    accelerator = Accelerator(mixed_precision=str(settings.mixed_precision), cpu=use_cpu)
+    tracking = stage_run(cfg, "train", sections=("train", "model")) if accelerator.is_main_process else nullcontext()
+    with tracking:
+        return train(cfg, accelerator, output_dir(cfg))
+
+
+def train(cfg: DictConfig, accelerator, out: Path) -> dict:
+    from artmaster.models import load_pipeline
+
+    settings = cfg.train
+    is_main = accelerator.is_main_process
+    device = accelerator.device
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        _tag_run(cfg)
+
+    # 1. data: crops + captions, encoded once (the main process writes the cache, others read it)
+    examples = load_examples(cfg)
+    pipe = load_pipeline(cfg.model)
+    with accelerator.main_process_first():
+        encoded = build_cache(pipe, examples, list(settings.samples.prompts), out / "cache", cfg.model,
+                              show_progress=is_main)
+    if is_main:
+        prune_cache(out / "cache", encoded.files)
+    free_encoders(pipe)
+    pipe.set_progress_bar_config(disable=True)
+    examples, prompt_encodings = encoded.examples, encoded.prompts
+    encodings = on_device(encoded.samples, device, pipe.transformer.dtype)
+
+    # 2. plan: hold out validation samples, bucket by size, batches for every epoch
+    held = _held_out_ids([e.sample_id for e in examples], settings.validation, cfg.seed)
+    train_ids = [e for e in examples if not (settings.validation.hold_out and e.sample_id in held)]
+    if not train_ids:
+        raise ValueError("train: every crop is held out for validation; lower train.validation.num_samples")
+    ids_by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
+    for example in train_ids:
+        ids_by_size[example.size].append(example.sample_id)
+    accumulation = int(settings.gradient_accumulation)
+    plan = rank_plan(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
+                     batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
+                     rank=accelerator.process_index, seed=int(cfg.seed))
+    total_step = optimizer_steps(len(plan), accumulation)
+
+    # 3. model: AdaLoRA, optimizer, schedule, allocator; resume
+    state = build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
+    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes)
+    checkpoints = out / "checkpoints"
+    resume_from = find_resume_checkpoint(checkpoints, str(settings.resume), fingerprint)
+    start_step, history = 0, []
+    if resume_from is not None:
+        start_step, history = load_checkpoint(resume_from, state, accelerator.process_index)
+        if is_main:
+            print(f"train: resuming from {resume_from} (step {start_step} of {total_step})")
+    accelerator.wait_for_everyone()  # every rank has chosen before stale checkpoints go
+    if resume_from is None and is_main and checkpoints.exists():
+        stale = list_checkpoints(checkpoints)
+        if stale:
+            print(f"train: removing {len(stale)} checkpoint(s) of another recipe from {checkpoints}")
+        shutil.rmtree(checkpoints)
+    vset = validation_set(encodings, sorted(held), list(settings.validation.sigmas), int(cfg.seed), state.flow, device)
+    if is_main:
+        _log_plan(cfg, examples, ids_by_size, total_step, len(held), start_step)
+
+    # 4. loop over optimizer steps
+    watch = NonFiniteWatch(device)
+    last_checkpoint = resume_from
+    window: list[dict[str, torch.Tensor]] = []
+    evaluation_seconds, loop_start = 0.0, time.perf_counter()
+    samples_dir = out / "samples"
+    if is_main and start_step == 0:
+        evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, 0, samples_dir, history)
+    progress = tqdm(range(start_step + 1, total_step + 1), desc="train", unit="step", disable=not is_main,
+                    initial=start_step, total=total_step)
+    for step in progress:
+        micro_batches = [make_batch(encodings, ids) for ids in plan[(step - 1) * accumulation : step * accumulation]]
+        generators = [seeded_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
+                      for i in range(accumulation)]
+        out_step = training_step(state, micro_batches, step, generators)
+        watch.observe(step, out_step)
+        window.append(out_step)
+        last = step == total_step
+        if step % int(settings.log_every) == 0 or last:
+            watch.check(accelerator, last_checkpoint)
+            row = _log_row(state, window, step)
+            window = []
+            history.append(row)
+            if is_main:
+                import mlflow
+
+                mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"])
+        validate, sample = _due(step, settings.validation.every, last), _due(step, settings.samples.every, last)
+        if is_main and (validate or sample):
+            evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, step, samples_dir, history,
+                                            validate=validate, sample=sample)
+        if _due(step, settings.checkpoint.every, last):
+            watch.check(accelerator, last_checkpoint)
+            rng_by_rank = _gather(accelerator, rng_states())
+            if is_main:
+                last_checkpoint = save_checkpoint(checkpoints, state, step, step * accumulation, fingerprint,
+                                                  history, rng_by_rank, int(settings.checkpoint.keep))
+    loop_seconds = time.perf_counter() - loop_start
+
+    # 5. every rank must hold the same adapter (DDP + allocator masks agree)
+    checksums = _gather(accelerator, _adapter_checksum(state))
+    if len(set(checksums)) != 1:
+        raise RuntimeError(f"train: DDP ranks ended with different adapters: {checksums}")
+    if not is_main:
+        return {}
+    steps_run = total_step - start_step
+    metrics = _final_metrics(history, steps_run, loop_seconds - evaluation_seconds, total_step, len(examples))
+    metrics["rank_checksums"] = checksums
+    _export(cfg, state, out, history, metrics)
+    if not settings.checkpoint.keep_after_success:
+        shutil.rmtree(checkpoints, ignore_errors=True)
+    print(f"train: {total_step} steps, final loss {metrics['loss']:.4f}, "
+          f"val {metrics.get('val_loss', float('nan')):.4f}, "
+          f"{metrics['active_rank']} ranks kept; outputs in {out}")
+    return metrics
+
+
+# --- helpers of the stage ---------------------------------------------------------------------
+
+
+def _due(step: int, every, last: bool) -> bool:
+    """Periodic work every `every` steps and at the end; `every` 0/null means only at the end."""
+    return last or bool(every) and step % int(every) == 0
+
+
+def _gather(accelerator, value) -> list:
+    from accelerate.utils import gather_object
+
+    return gather_object([value]) if accelerator.num_processes > 1 else [value]
+
+
+def _adapter_checksum(state: TrainingState) -> str:
+    digest = hashlib.sha256()
+    for name, param in state.named_params:
+        digest.update(name.encode())
+        digest.update(param.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _held_out_ids(ids: list[str], validation: DictConfig, seed: int) -> set[str]:
+    count = min(int(validation.num_samples), len(ids))
+    order = torch.randperm(len(ids), generator=seeded_generator(seed, "validation-ids")).tolist()
+    return {ids[i] for i in order[:count]}
+
+
+def _log_row(state: TrainingState, window: list[dict[str, torch.Tensor]], step: int) -> dict:
+    """Means over the logging window: the one host sync of the loop."""
+    keys = ("loss", "mse", "orthogonal", "grad_norm")
+    stacked = torch.stack([torch.stack([out[k].float() for out in window]).mean() for k in keys]
+                          + [active_rank(state.adapter).float()])
+    values = stacked.tolist()
+    row = {"step": step, **dict(zip(keys, values[:-1]))}
+    row["lr"] = state.scheduler.get_last_lr()[0]
+    row["rank_budget"] = window[-1]["rank_budget"]
+    row["active_rank"] = int(values[-1])
+    return row
+
+
+def _evaluate(cfg, state: TrainingState, pipe, prompt_encodings, vset: ValidationSet, step: int, samples_dir: Path,
+              history: list[dict], validate: bool = True, sample: bool = True) -> float:
+    """Validation loss and sample images at `step` (main process only); returns seconds spent."""
+    import mlflow
+
+    started = time.perf_counter()
+    ema = state.ema.applied() if state.ema is not None else nullcontext()
+    with ema, state.accelerator.autocast():
+        if validate and vset.batches:
+            value = float(validation_loss(state.adapter, vset, state.flow))
+            mlflow.log_metric("val_loss", value, step=step)
+            history.append({"step": step, "val_loss": value})
+        if sample and cfg.train.samples.prompts:
+            samples = render_samples(pipe, prompt_encodings, cfg.train.samples, state.accelerator.device)
+            for index, (_, seed, image) in enumerate(samples):
+                mlflow.log_image(image, key=f"sample_{index // len(cfg.train.samples.seeds)}_seed{seed}", step=step)
+            samples_dir.mkdir(parents=True, exist_ok=True)
+            grid_path = samples_dir / f"{checkpoint_name(step)}.png"
+            buffer = io.BytesIO()
+            image_grid([image for _, _, image in samples], len(cfg.train.samples.seeds)).save(buffer, format="PNG")
+            write_atomic(grid_path, buffer.getvalue())
+            mlflow.log_artifact(str(grid_path), artifact_path="samples")
+    return time.perf_counter() - started
+
+
+def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, total_step: int, examples: int) -> dict:
+    rows = [row for row in history if "loss" in row]
+    validations = [row["val_loss"] for row in history if "val_loss" in row]
+    metrics = {
+        "loss": rows[-1]["loss"],
+        "mse": rows[-1]["mse"],
+        "orthogonal": rows[-1]["orthogonal"],
+        "orthogonal_first": rows[0]["orthogonal"],
+        "grad_norm": rows[-1]["grad_norm"],
+        "active_rank": rows[-1]["active_rank"],
+        "steps": total_step,
+        "examples": examples,
+        "steps_per_second": steps_run / train_seconds if steps_run and train_seconds > 0 else None,
+    }
+    if validations:
+        metrics["val_loss"] = validations[-1]
+        metrics["val_loss_first"] = validations[0]
+    return {k: v for k, v in metrics.items() if v is not None}
+
+
+def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict) -> None:
+    """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv."""
+    import mlflow
+
+    from artmaster.adalora import export_lora, rank_heatmap, rank_report, save_lora
+
+    ema = state.ema.applied() if state.ema is not None else nullcontext()
+    with ema:
+        with staged_dir(out / "adapter") as staging:
+            state.adapter.save_pretrained(str(staging))
+        exported = export_lora(state.adapter)
+    ranks = rank_report(exported)
+    metrics.update(rank_total=sum(ranks.values()), rank_min=min(ranks.values()), rank_max=max(ranks.values()),
+                   rank_modules=len(ranks))
+    base_model = _base_model_name(cfg.model)
+    with staged_dir(out / "lora") as staging:
+        files = save_lora(exported, staging, base_model=base_model, trigger=str(cfg.train.trigger),
+                          metadata={"recipe": _recipe(cfg), "metrics": metrics},
+                          dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
+        card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()})
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    write_atomic(out / "ranks.json", json.dumps(ranks, indent=2))
+    rank_heatmap(ranks, out / "ranks.png")
+    buffer = io.StringIO()
+    columns = ["step", "loss", "mse", "orthogonal", "grad_norm", "lr", "rank_budget", "active_rank"]
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(row for row in history if "loss" in row)
+    write_atomic(out / "loss.csv", buffer.getvalue())
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    for name in ("adapter", "lora"):
+        mlflow.log_artifacts(str(out / name), artifact_path=name)
+    for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv"):
+        mlflow.log_artifact(str(out / name))
+
+
+def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str]) -> str:
+    """README.md of the plain LoRA: what it is, how to load it, the recipe, ranks and metrics."""
+    settings = cfg.train
+    trigger = str(settings.trigger)
+    by_kind: dict[str, list[int]] = defaultdict(list)
+    for module, rank in ranks.items():
+        by_kind[_layer_kind(module)].append(rank)
+    recipe = yaml_block(_recipe(cfg))
+    rank_lines = "\n".join(f"| {kind} | {len(values)} | {min(values)} | {sum(values) / len(values):.2f} "
+                           f"| {max(values)} |"
+                           for kind, values in sorted(by_kind.items()))
+    metric_lines = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                             for k, v in metrics.items() if isinstance(v, (int, float)))
+    return f"""---
+base_model: {base_model}
+library_name: diffusers
+tags: [flux, lora, adalora, text-to-image, artmaster]
+instance_prompt: {trigger}
+---
+# ArtMaster AdaLoRA adapter ({trigger})
+
+A LoRA for **{base_model}** trained by ArtMaster's `train` stage with AdaLoRA (per-module ranks
+chosen during training) and folded exactly into plain LoRA: every module has its own rank and
+`alpha = rank`, so every loader applies scale 1.
+
+**Trigger phrase:** `{trigger}` (start prompts with it).
+
+## Files
+- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format
+  (`pipe.load_lora_weights("<this folder>")` on a `FluxPipeline`).
+- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys).
+
+## Ranks
+{len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
+target_r {settings.adalora.target_r}).
+
+| layer | modules | min | mean | max |
+|---|---|---|---|---|
+{rank_lines}
+
+## Metrics
+| metric | value |
+|---|---|
+{metric_lines}
+
+## Recipe
+```yaml
+{recipe}```
+"""
+
+
+def _layer_kind(module: str) -> str:
+    """transformer_blocks.3.attn.to_q -> "double attn.to_q";
+    single_transformer_blocks.0.proj_mlp -> "single proj_mlp"."""
+    match = re.fullmatch(r"(single_)?transformer_blocks\.\d+\.(.+)", module)
+    if match is None:
+        return module
+    return f"{'single' if match.group(1) else 'double'} {match.group(2)}"
+
+
+def yaml_block(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+def _base_model_name(model_cfg: DictConfig) -> str:
+    if model_cfg.repo_id:
+        return f"{model_cfg.repo_id}@{model_cfg.revision}" if model_cfg.revision else str(model_cfg.repo_id)
+    return f"{model_cfg.profile} ({model_cfg.path})"
+
+
+def _recipe(cfg: DictConfig) -> dict:
+    train = OmegaConf.to_container(cfg.train, resolve=True)
+    return {k: v for k, v in train.items() if k not in ("samples", "validation", "checkpoint", "resume")}
+
+
+def _tag_run(cfg: DictConfig) -> None:
+    import mlflow
+    from hydra.core.hydra_config import HydraConfig
+
+    tags = {"train.seed": str(cfg.seed)}
+    if HydraConfig.initialized():
+        tags["hydra_job_overrides"] = " ".join(HydraConfig.get().overrides.task)[:5000]
+    mlflow.set_tags(tags)
+    mlflow.log_param("seed", cfg.seed)
+
+
+def _log_plan(cfg, examples, ids_by_size, total_step: int, held: int, start_step: int) -> None:
+    import mlflow
+
+    buckets = ", ".join(f"{w}x{h}: {len(ids)}" for (w, h), ids in sorted(ids_by_size.items()))
+    print(f"train: {len(examples)} crops ({held} held for validation), buckets {buckets}; "
+          f"{total_step} optimizer steps")
+    mlflow.log_metrics({"plan_total_step": total_step, "plan_examples": len(examples), "plan_held_out": held,
+                        "resumed_from_step": start_step})
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

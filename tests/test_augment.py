@@ -1,0 +1,174 @@
+"""Stage `augment` on the tiny model: outputs and provenance, the filter, resuming after a kill."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from artmaster import augment
+from artmaster.config import compose
+from artmaster.models import build_random_pipeline
+from artmaster.painter import STYLES, paint
+
+CROPS = 5
+FAST = (
+    "augment.count=3",
+    "augment.generation.image_scale=0.125",  # 512 px bucket -> 64 px
+    "augment.generation.steps=3",
+    "critic.min_deviation=0.0",              # the random model deviates everywhere: always edit
+)
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory) -> Path:
+    """data/ as the stages before augment leave it: crops, captions, base pipeline, LoRA."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    data = tmp_path_factory.mktemp("upstream") / "data"
+    rows, captions = [], []
+    for i in range(CROPS):
+        crop_id = f"s{i}-512x512-00"
+        path = data / "crop" / "512x512" / f"{crop_id}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        paint(STYLES["zeng_xiaohu"], 128, 128, seed=i).save(path)
+        rows.append({"crop_id": crop_id, "scan_id": f"s{i}", "path": f"512x512/{crop_id}.png", "width": 512, "height": 512})
+        captions.append({"crop_id": crop_id, "caption": "zxh style, ink-wash mountains, mist, emerald dotted trees", "source": "template"})
+    (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data / "caption").mkdir()
+    (data / "caption" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
+    pipe = build_random_pipeline(compose([]).model)
+    pipe.save_pretrained(data / "base" / "pipeline")
+    torch.manual_seed(0)
+    pipe.transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
+    )
+    FluxPipeline.save_lora_weights(data / "train" / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    return data
+
+
+@pytest.fixture
+def cfg_for(make_cfg, upstream, tmp_path):
+    shutil.copytree(upstream, tmp_path / "data")
+
+    def _make(*overrides: str):
+        return make_cfg(*FAST, *overrides)
+
+    return _make
+
+
+def _out(cfg) -> Path:
+    return Path(cfg.paths.data_dir) / "augment" / "round_0"
+
+
+def test_augment_writes_pairs_with_provenance_metrics_and_pictures(cfg_for):
+    import mlflow
+
+    cfg = cfg_for("augment.filter.margin=-1000", "augment.filter.near_copy_distance=0")
+    metrics = augment.run(cfg)
+    out = _out(cfg)
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == ["0000", "0001", "0002"]
+    assert [r["seed"] for r in records] == [1000, 1001, 1002]
+    assert records[1]["prompt"] == str(cfg.augment.prompts[1])
+    for record in records:
+        assert record == json.loads((out / "samples" / f"{record['sample_id']}.json").read_text())
+        assert 1 <= len(record["edits"]) <= cfg.critic.max_edits
+        for edit in record["edits"]:
+            x1, y1, x2, y2 = edit["box"]
+            assert 0 <= x1 < x2 <= 64 and 0 <= y1 < y2 <= 64 and edit["local_prompt"].startswith("zxh style")
+        assert record["style_gain"] == pytest.approx(record["style_after"] - record["style_before"])
+        assert record["accepted"] and record["nearest_crop"].startswith("512x512/s")
+        for name in ("original", "refined", "comparison", "accepted"):
+            assert (out / record["files"][name]).is_file(), name
+        with Image.open(out / record["files"]["original"]) as original:
+            assert original.size == (64, 64)
+        accepted = np.asarray(Image.open(out / record["files"]["accepted"]))
+        assert np.array_equal(accepted, np.asarray(Image.open(out / record["files"]["refined"])))
+    assert metrics == json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] == 3 and metrics["accepted"] == 3 and metrics["acceptance_rate"] == 1.0
+    assert metrics["mean_style_gain"] == pytest.approx(np.mean([r["style_gain"] for r in records]))
+    with Image.open(out / "contact_sheet.png") as sheet:
+        assert sheet.width > 2 * cfg.augment.picture.panel_height
+
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
+    run = client.search_runs([experiment.experiment_id], "tags.`artmaster.stage` = 'augment'")[0]
+    assert run.data.metrics["acceptance_rate"] == 1.0 and "mean_style_gain" in run.data.metrics
+    pairs = {a.path for a in client.list_artifacts(run.info.run_id, "augment/pairs")}
+    assert pairs == {f"augment/pairs/{r['sample_id']}.png" for r in records}
+
+
+def test_filter_rejects_small_gains_and_near_copies():
+    settings = OmegaConf.create({"margin": 0.05, "near_copy_distance": 0.2})
+    assert augment.filter_verdict(0.10, 0.9, "a.png", settings)[0]
+    accepted, why = augment.filter_verdict(0.01, 0.9, "a.png", settings)
+    assert not accepted and "below the margin 0.05" in why
+    accepted, why = augment.filter_verdict(5.0, 0.1, "a.png", settings)
+    assert not accepted and why.startswith("near-copy of crop a.png")
+
+
+def test_rejected_samples_keep_their_pair_but_no_accepted_image(cfg_for):
+    cfg = cfg_for("augment.count=1", "augment.filter.near_copy_distance=1e9")
+    metrics = augment.run(cfg)
+    record = json.loads((_out(cfg) / "samples" / "0000.json").read_text())
+    assert not record["accepted"] and record["verdict"].startswith("near-copy")
+    assert "accepted" not in record["files"] and not list((_out(cfg) / "accepted").iterdir())
+    assert (_out(cfg) / record["files"]["refined"]).is_file()
+    assert metrics["acceptance_rate"] == 0.0 and metrics["near_copies"] == 1
+
+
+@pytest.mark.slow
+def test_a_rerun_after_a_kill_redoes_only_the_unfinished_samples(cfg_for, monkeypatch):
+    cfg = cfg_for()
+    augment.run(cfg)
+    out = _out(cfg)
+    # killed while sample 0001 was being written: its JSON (written last) is missing
+    (out / "samples" / "0001.json").unlink()
+    kept = (out / "samples" / "0000.json").stat().st_mtime_ns
+
+    done = []
+    real = augment.process_sample
+    monkeypatch.setattr(augment, "process_sample", lambda sample, *a: done.append(sample.sample_id) or real(sample, *a))
+    augment.run(cfg)
+    assert done == ["0001"]
+    assert (out / "samples" / "0000.json").stat().st_mtime_ns == kept
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 3
+
+    # other inputs (here the filter margin) make every sample stale; fewer samples drop the rest
+    done.clear()
+    augment.run(cfg_for("augment.count=2", "augment.filter.margin=0.5"))
+    assert done == ["0000", "0001"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.json", "0001.json"]
+    assert not list((out / "pairs").glob("0002-*")) and not (out / "comparisons" / "0002.png").exists()
+
+
+def test_missing_adapter_and_bad_round_are_clear_errors(cfg_for, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"augment\.adapter .*nowhere.*artmaster train"):
+        augment.run(cfg_for(f"augment.adapter={tmp_path / 'nowhere'}"))
+    with pytest.raises(ValueError, match=r"augment\.round=2 must be in \[0, augment\.rounds=1\)"):
+        augment.run(cfg_for("augment.round=2"))
+
+
+def test_comparison_picture_draws_numbered_boxes_on_both_panels(make_cfg):
+    picture = make_cfg().augment.picture
+    before, after = Image.new("RGB", (64, 32), "white"), Image.new("RGB", (64, 32), "black")
+    record = {
+        "edits": [{"box": [8, 8, 40, 24], "local_prompt": "zxh style, mist", "reason": "tonal_range deviates"}],
+        "style_before": -3.0, "style_after": -2.5, "style_gain": 0.5, "accepted": True, "verdict": "gain",
+    }
+    canvas = augment.draw_comparison(before, after, record, picture)
+    scale = picture.panel_height / 32
+    assert canvas.width == 2 * 64 * scale + 6
+    colour = Image.new("RGB", (1, 1), picture.colours[0]).getpixel((0, 0))
+    top = int(picture.font_size) + 4
+    for left in (0, 64 * scale + 6):
+        assert canvas.getpixel((int(left + 30 * scale), int(top + 8 * scale))) == colour

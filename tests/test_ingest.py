@@ -1,0 +1,245 @@
+import hashlib
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from bad_scans import MARKER, MIN_SIDE, build_bad_scans, painting, shared_tracking_overrides
+from PIL import Image
+
+from artmaster.config import compose
+from artmaster.ingest import hamming, perceptual_hash, run
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A data folder per run, one MLflow store for all."""
+    root = tmp_path_factory.mktemp("ingest")
+
+    def make_cfg(name: str, scans_dir: Path, *overrides: str):
+        return compose(
+            [
+                f"paths.data_dir={root / name}",
+                *shared_tracking_overrides(tmp_path_factory),
+                f"data.scans_dir={scans_dir}",
+                f"data.ingest.min_side={MIN_SIDE}",
+                *overrides,
+            ]
+        )
+
+    return SimpleNamespace(root=root, make_cfg=make_cfg)
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    return {
+        path.relative_to(folder).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+            path.stat().st_mtime_ns,
+        )
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def corpus(workspace):
+    scans = workspace.root / "bad_scans"
+    expected = build_bad_scans(scans)
+    before = _snapshot(scans)
+    cfg = workspace.make_cfg("corpus", scans)
+    summary = run(cfg)
+    out = Path(cfg.paths.data_dir) / "ingest"
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    return SimpleNamespace(
+        scans=scans,
+        expected=expected,
+        before=before,
+        summary=summary,
+        out=out,
+        rows={row["source"]: row for row in rows},
+        cfg=cfg,
+    )
+
+
+def _image(corpus, source: str) -> np.ndarray:
+    row = corpus.rows[source]
+    with Image.open(corpus.out / "images" / f"{row['id']}.png") as image:
+        assert image.mode == "RGB"
+        return np.asarray(image, dtype=np.int32)
+
+
+def test_every_file_gets_its_expected_outcome(corpus):
+    assert set(corpus.rows) == set(corpus.expected)  # every file processed; valid sidecars are not rows
+    for source, expected in corpus.expected.items():
+        row = corpus.rows[source]
+        assert (row["status"], row["reason_code"]) == (expected.status, expected.reason_code), (
+            source,
+            row["reason"],
+        )
+        if expected.status != "accepted":
+            assert row["reason"], source
+        if expected.size is not None:
+            assert (row["width"], row["height"]) == expected.size, source
+
+
+def test_reasons_name_the_problem(corpus):
+    reasons = {source: row["reason"] for source, row in corpus.rows.items()}
+    assert reasons["zero.jpg"] == "empty file (0 bytes)"
+    assert "truncated" in reasons["truncated.jpg"] and "truncated" in reasons["truncated.png"]
+    assert "not an image" in reasons["notes.jpg"]
+    assert "short side 48 px is under min_side=128" in reasons["tiny.png"]
+    assert "aspect ratio 10.77" in reasons["banner.png"]
+    assert "10000000000 pixels" in reasons["gigantic.png"] and "without decoding" in reasons["gigantic.png"]
+    assert reasons["dup_b.png"] == "same pixels as dup_a.png"
+    assert "near-duplicate of near_dup_orig.png" in reasons["near_dup_reencoded.jpg"]
+
+
+def test_summary_counts_and_line(corpus):
+    statuses = [row["status"] for row in corpus.rows.values()]
+    summary = corpus.summary
+    assert summary["read"] == len(corpus.expected)
+    assert summary["accepted"] == statuses.count("accepted")
+    assert summary["rejected"] == len(statuses) - statuses.count("accepted")
+    assert summary["duplicates"] == 2 and summary["sidecars"] == 1 and summary["sidecars_rejected"] == 1
+    assert summary["reasons"]["truncated"] == 2 and summary["reasons"]["not_an_image"] == 3
+    assert summary["line"].startswith(
+        f"ingest: {summary['read']} read, {summary['accepted']} accepted, {summary['rejected']} rejected: "
+    )
+    assert "2 truncated" in summary["line"] and "1 sidecar(s) rejected" in summary["line"]
+    assert json.loads((corpus.out / "summary.json").read_text(encoding="utf-8")) == summary
+
+
+def test_accepted_scans_are_written_once_as_8bit_srgb_png(corpus):
+    accepted = [row for row in corpus.rows.values() if row["status"] == "accepted"]
+    written = sorted(path.name for path in (corpus.out / "images").iterdir())
+    assert written == sorted(f"{row['id']}.png" for row in accepted)
+    assert len(set(written)) == len(accepted)
+    assert all(row["id"] is None for row in corpus.rows.values() if row["status"] != "accepted")
+    assert corpus.rows["dup_b.png"]["sha256"] == corpus.rows["dup_a.png"]["sha256"]
+    for row in accepted:
+        with Image.open(corpus.out / "images" / f"{row['id']}.png") as image:
+            assert image.mode == "RGB" and image.size == (row["width"], row["height"])
+            assert "icc_profile" not in image.info
+            digest = hashlib.sha256(f"{image.width}x{image.height}:".encode() + image.tobytes()).hexdigest()
+        assert digest == row["sha256"] and row["id"] == digest[:16] and len(row["phash"]) == 16
+
+
+def test_exif_orientation_is_applied(corpus):
+    pixels = _image(corpus, "rotated.jpg")
+    assert pixels.shape == (240, 320, 3)
+    corner = pixels[: 240 // 4 - 4, : 320 // 4 - 4].reshape(-1, 3).mean(0)  # the marker, displayed top-left
+    assert np.abs(corner - MARKER).max() < 25
+    assert corpus.rows["rotated.jpg"]["steps"] == ["EXIF orientation 6 applied"]
+
+
+def test_icc_profile_is_converted_to_srgb(corpus):
+    # the file's red marker is tagged with a profile whose red colorant is sRGB blue
+    corner = _image(corpus, "icc_swapped.png")[:40, :40].reshape(-1, 3).mean(0)
+    assert corner[2] > 150 and corner[0] < 80
+    assert any(step.startswith("ICC profile") for step in corpus.rows["icc_swapped.png"]["steps"])
+
+
+def test_transparency_is_composited_onto_the_background(corpus):
+    assert (_image(corpus, "palette_alpha.png")[:, :110] == 255).all()
+    rgba = _image(corpus, "rgba.png")
+    assert (rgba[-320 // 4 :] == 255).all()
+    assert np.abs(rgba[:40, :40].reshape(-1, 3).mean(0) - MARKER).max() < 2  # opaque pixels untouched
+
+
+def test_alpha_background_comes_from_config(workspace, corpus):
+    scans = workspace.root / "alpha_only"
+    scans.mkdir()
+    (scans / "rgba.png").write_bytes((corpus.scans / "rgba.png").read_bytes())
+    cfg = workspace.make_cfg("alpha", scans, "data.ingest.alpha_background=[236,229,212]")
+    run(cfg)
+    row = json.loads((Path(cfg.paths.data_dir) / "ingest" / "manifest.jsonl").read_text(encoding="utf-8"))
+    with Image.open(Path(cfg.paths.data_dir) / "ingest" / "images" / f"{row['id']}.png") as image:
+        assert image.getpixel((5, image.height - 5)) == (236, 229, 212)
+
+
+def test_sixteen_bit_images_keep_their_full_range(corpus):
+    gray = _image(corpus, "gray16.png")[..., 0]
+    assert gray[0].max() <= 1 and gray[-1].min() >= 254  # a 0..65535 ramp becomes 0..255, not clipped
+    assert abs(gray.mean() - 127.5) < 2
+    for source, index in (("rgb16.png", 5), ("rgb16.tif", 6)):
+        assert (_image(corpus, source) == np.asarray(painting(index))).all(), source
+
+
+def test_cmyk_jpeg_becomes_the_right_colours(corpus):
+    difference = np.abs(_image(corpus, "cmyk.jpg") - np.asarray(painting(4), np.int32))
+    assert difference.mean() < 6
+    assert "CMYK -> RGB" in corpus.rows["cmyk.jpg"]["steps"]
+
+
+def test_sidecars_are_clean_utf8_or_rejected_alone(corpus):
+    assert corpus.rows["good.png"]["sidecar_text"] == "Misty gorge at dawn 第二行 end"
+    cmyk = corpus.rows["cmyk.jpg"]
+    assert cmyk["status"] == "accepted" and cmyk["sidecar_text"] is None
+    assert "cmyk.txt is not UTF-8" in cmyk["sidecar_error"]
+
+
+def test_raw_scans_are_never_modified(corpus):
+    assert _snapshot(corpus.scans) == corpus.before
+
+
+def test_counts_are_logged_to_mlflow(corpus):
+    import mlflow
+
+    mlflow.set_tracking_uri(corpus.cfg.tracking.uri)
+    runs = mlflow.search_runs(
+        search_all_experiments=True, filter_string="tags.`artmaster.stage` = 'ingest'", output_format="list"
+    )
+    logged = [r for r in runs if r.data.metrics.get("read") == corpus.summary["read"]]
+    assert logged and logged[0].data.metrics["accepted"] == corpus.summary["accepted"]
+    assert logged[0].data.metrics["rejected.truncated"] == 2
+
+
+def test_big_scans_are_decoded_reduced_or_downscaled(workspace):
+    scans = workspace.root / "big"
+    scans.mkdir()
+    big = painting(20, 1200, 900)
+    big.save(scans / "big.jpg", quality=90)
+    big.save(scans / "big.png")
+    cfg = workspace.make_cfg(
+        "big", scans, "data.ingest.max_long_side=400", "data.ingest.phash_max_distance=-1"
+    )
+    run(cfg)
+    rows = {
+        row["source"]: row
+        for row in map(
+            json.loads, (Path(cfg.paths.data_dir) / "ingest" / "manifest.jsonl").open(encoding="utf-8")
+        )
+    }
+    assert rows["big.jpg"]["declared_size"] == [1200, 900]
+    assert [(row["width"], row["height"]) for row in rows.values()] == [(400, 300), (400, 300)]
+    assert rows["big.jpg"]["steps"][0] == "JPEG decoded reduced from 1200x900 to 600x450"
+    assert rows["big.png"]["steps"] == ["downscaled from 1200x900 to 400x300"]
+
+
+def test_the_stage_fails_clearly_only_without_any_valid_scan(workspace):
+    missing = workspace.root / "no_such_folder"
+    with pytest.raises(FileNotFoundError, match="no_such_folder does not exist"):
+        run(workspace.make_cfg("fail", missing))
+    empty = workspace.root / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="holds no files"):
+        run(workspace.make_cfg("fail", empty))
+    broken = workspace.root / "broken"
+    broken.mkdir()
+    (broken / "zero.jpg").write_bytes(b"")
+    (broken / "notes.jpg").write_text("not a picture")
+    cfg = workspace.make_cfg("fail", broken)
+    with pytest.raises(
+        ValueError, match=r"(?s)2 read, 0 accepted.*no valid scan.*notes\.jpg: not an image.*zero\.jpg: empty"
+    ):
+        run(cfg)
+    assert not (Path(cfg.paths.data_dir) / "ingest").exists()  # a failed run leaves no output behind
+    assert not list(Path(cfg.paths.data_dir).glob(".ingest*"))
+
+
+def test_perceptual_hash_is_stable_under_reencoding_and_separates_pictures():
+    first, second = painting(30, 200, 260), painting(31, 200, 260)
+    assert hamming(perceptual_hash(first), perceptual_hash(first.resize((100, 130)))) <= 2
+    assert hamming(perceptual_hash(first), perceptual_hash(second)) > 12
+    assert hamming(0b1011, 0b0001) == 2

@@ -1,0 +1,315 @@
+"""The train stage on the tiny profile: fixtures are a few small crops with captions and a tiny
+random pipeline saved with save_pretrained (what the `base` stage writes)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from artmaster import train
+from artmaster.config import compose, project_root
+from artmaster.models import build_random_pipeline
+
+SQUARE, PORTRAIT = (512, 512), (512, 768)
+
+
+def write_fixture_data(data_dir: Path, sizes: list[tuple[int, int]]) -> None:
+    """crops.jsonl + PNGs and captions.jsonl the way the crop and caption stages write them."""
+    crop_dir, caption_dir = data_dir / "crop", data_dir / "caption"
+    rows, captions = [], []
+    rng = np.random.default_rng(0)
+    for index, (width, height) in enumerate(sizes):
+        bucket = f"{width}x{height}"
+        crop_id = f"scan{index}-{bucket}-00"
+        (crop_dir / bucket).mkdir(parents=True, exist_ok=True)
+        coarse = rng.uniform(0, 255, (height // 64, width // 64, 3)).astype(np.uint8)
+        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
+        image.save(crop_dir / bucket / f"{crop_id}.png")
+        rows.append({"crop_id": crop_id, "scan_id": f"scan{index}", "bucket": bucket, "width": width,
+                     "height": height, "box": [0, 0, width, height], "path": f"{bucket}/{crop_id}.png"})
+        captions.append({"crop_id": crop_id, "caption": f"zxh style, ink mountains, mist {index}",
+                         "source": "template"})
+    caption_dir.mkdir(parents=True, exist_ok=True)
+    (crop_dir / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (caption_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny random pipeline folder, six crops (4 square, 2 portrait) with captions, and an empty
+    MLflow store that each run copies (creating the SQLite schema takes seconds)."""
+    import mlflow
+
+    root = tmp_path_factory.mktemp("train_assets")
+    build_random_pipeline(compose().model).save_pretrained(root / "pipeline")
+    write_fixture_data(root / "data", [SQUARE] * 4 + [PORTRAIT] * 2)
+    mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+    return root
+
+
+# 4 training crops (2 held out), batches of 2, 2 repeats, 3 epochs: 12 optimizer steps
+FAST = (
+    "train.epochs=3", "train.repeats=2", "train.batch_size=2", "train.log_every=2",
+    "train.checkpoint.every=4", "train.checkpoint.keep=2", "train.checkpoint.keep_after_success=true",
+    "train.validation.every=6", "train.samples.every=12", "train.samples.seeds=[0]",
+    "train.samples.width=64", "train.samples.height=64", "train.samples.steps=2",
+    "train.adalora.delta_t=2",
+)
+
+
+def make_run_cfg(assets: Path, root: Path, *overrides: str):
+    """The demo config on the fixture data, outputs and MLflow store under `root`."""
+    data = root / "data"
+    for stage in ("crop", "caption"):
+        if not (data / stage).exists():
+            shutil.copytree(assets / "data" / stage, data / stage)
+    if not (root / "mlflow.db").exists():
+        shutil.copy(assets / "mlflow.db", root / "mlflow.db")
+    return compose([
+        f"paths.data_dir={data}", f"model.path={assets / 'pipeline'}",
+        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_dir={root / 'mlartifacts'}",
+        *FAST, *overrides,
+    ])
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One uninterrupted tiny run: (config, metrics, output folder)."""
+    root = tmp_path_factory.mktemp("train_reference")
+    cfg = make_run_cfg(assets, root)
+    metrics = train.run(cfg)
+    return cfg, metrics, root / "data" / "train"
+
+
+# --- pure helpers -------------------------------------------------------------------------------
+
+
+def test_plan_keeps_one_bucket_per_batch_and_every_repeat():
+    ids_by_size = {(128, 128): ["a", "b", "c"], (128, 192): ["d", "e"]}
+    size_of = {i: size for size, ids in ids_by_size.items() for i in ids}
+    plan = train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
+    assert all(len({size_of[i] for i in batch}) == 1 for batch in plan)
+    counts = {i: sum(batch.count(i) for batch in plan) for i in size_of}
+    assert counts == {i: 6 for i in size_of}  # 3 epochs x 2 repeats
+    assert plan == train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
+    assert plan != train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=1)
+    # two ranks: equal lengths (lockstep), disjoint shares of each epoch
+    rank0, rank1 = (train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2, rank=r, seed=0)
+                    for r in (0, 1))
+    assert len(rank0) == len(rank1) == len(train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2,
+                                                           world_size=1, rank=0, seed=0)) // 2
+    assert train.optimizer_steps(len(plan), 4) == len(plan) // 4
+    with pytest.raises(ValueError, match="gradient_accumulation=99"):
+        train.optimizer_steps(3, 99)
+
+
+def test_scaled_size_must_stay_a_multiple_of_16():
+    assert train.scaled_size(512, 768, 0.25) == (128, 192)
+    with pytest.raises(ValueError, match="train.image_scale=0.3.*154x154"):
+        train.scaled_size(512, 512, 0.3)
+
+
+def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
+    data = tmp_path / "data"
+    write_fixture_data(data, [SQUARE, SQUARE, PORTRAIT])
+    rows = [json.loads(line) for line in (data / "crop" / "crops.jsonl").read_text().splitlines()]
+    (data / "crop" / rows[1]["path"]).unlink()  # missing image
+    rows.append({**rows[0], "crop_id": "uncaptioned"})  # no caption
+    rows.append({**rows[0], "crop_id": "escape", "path": "../../outside.png"})
+    (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = compose([f"paths.data_dir={data}"])
+    examples = train.load_examples(cfg)
+    assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[2]["crop_id"]]
+    assert {e.size for e in examples} == {(128, 128), (128, 192)}
+    logged = caplog.text
+    assert rows[1]["crop_id"] in logged and "uncaptioned" in logged and "no caption" in logged
+    assert "escape" in logged and "outside" in logged
+
+
+def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, monkeypatch):
+    from artmaster.models import load_pipeline
+
+    cfg = make_run_cfg(assets, tmp_path)
+    pipe = load_pipeline(cfg.model)
+    examples = train.load_examples(cfg)[:2]
+    cache = tmp_path / "cache"
+    encoded = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
+    encodings, used = encoded.samples, encoded.files
+    assert len(used) == 3 and len(list(cache.glob("*.safetensors"))) == 3
+    for example in examples:  # each entry holds its own crop's latents and its own caption's embedding
+        mean, _ = train.encode_image(pipe.vae, train.load_pixels(example))
+        embeds, _ = train.encode_prompts(pipe, [example.caption], cfg.model.max_sequence_length)
+        assert torch.equal(encodings[example.sample_id]["latent_mean"], mean)
+        assert torch.equal(encodings[example.sample_id]["prompt_embeds"], embeds[0])
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("encoder called although the cache holds this entry")
+
+    monkeypatch.setattr(train, "encode_image", refuse)
+    monkeypatch.setattr(train, "encode_prompts", refuse)
+    again = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
+    assert again.files == used
+    again = again.samples
+    assert all(torch.equal(again[k]["latent_mean"], encodings[k]["latent_mean"]) for k in encodings)
+
+    # swapping the two captions changes both keys: nothing stale can be paired with the wrong crop
+    swapped = [train.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
+    monkeypatch.undo()
+    assert not train.build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
+
+
+# --- the stage ----------------------------------------------------------------------------------
+
+
+def test_run_writes_adapter_lora_card_ranks_metrics_and_logs_to_mlflow(reference):
+    import mlflow
+
+    cfg, metrics, out = reference
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                 "lora/pytorch_lora_weights.safetensors", "lora/zxh_style_kohya.safetensors", "lora/README.md",
+                 "ranks.json", "ranks.png", "metrics.json", "loss.csv", "samples/step-000000.png",
+                 "samples/step-000012.png"):
+        assert (out / name).is_file(), name
+    assert not list(out.rglob(".*tmp*")), "temporary files left behind"
+    assert json.loads((out / "metrics.json").read_text())["steps"] == metrics["steps"] == 12
+
+    ranks = json.loads((out / "ranks.json").read_text())
+    assert len(ranks) == 44 and sum(ranks.values()) == 44 * cfg.train.adalora.target_r
+    assert min(ranks.values()) < max(ranks.values()), "AdaLoRA did not re-allocate ranks"
+    assert metrics["orthogonal"] < metrics["orthogonal_first"]
+
+    rows = list(csv.DictReader((out / "loss.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8, 10, 12]
+    assert int(rows[0]["rank_budget"]) > int(rows[-1]["rank_budget"]) == sum(ranks.values())
+
+    card = (out / "lora" / "README.md").read_text()
+    assert "zxh style" in card and str(cfg.model.path) in card and "| double attn.to_q |" in card and "val_loss" in card
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id],
+                             filter_string="tags.`artmaster.stage` = 'train'")[0]
+    assert run.data.params["train.optim.lr"] == str(cfg.train.optim.lr)
+    for key in ("loss", "lr", "orthogonal", "grad_norm", "rank_budget", "active_rank"):
+        assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6, 8, 10, 12], key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 6, 12]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"adapter", "lora", "ranks.png", "ranks.json", "samples", "metrics.json", "loss.csv"} <= artifacts
+    assert any("sample" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+
+
+class Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_the_bitwise_same_adapter(reference, assets, tmp_path, monkeypatch):
+    cfg_ref, metrics_ref, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path)
+    real_step = train.training_step
+
+    def dies_at_step_7(state, micro_batches, step, generators):
+        if step == 7:
+            raise Killed
+        return real_step(state, micro_batches, step, generators)
+
+    monkeypatch.setattr(train, "training_step", dies_at_step_7)
+    with pytest.raises(Killed):
+        train.run(cfg)
+    out = tmp_path / "data" / "train"
+    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == ["step-000004"]
+    assert not (out / "metrics.json").exists()
+
+    monkeypatch.undo()
+    metrics = train.run(cfg)  # train.resume=auto
+    final, final_ref = (load_file(o / "checkpoints" / "step-000012" / "adapter.safetensors") for o in (out, out_ref))
+    assert final.keys() == final_ref.keys() and any(".lora_E." in k for k in final)
+    assert all(torch.equal(final[k], final_ref[k]) for k in final)
+    assert (out / "loss.csv").read_text() == (out_ref / "loss.csv").read_text()
+    lora, lora_ref = (load_file(o / "lora" / "pytorch_lora_weights.safetensors") for o in (out, out_ref))
+    assert lora.keys() == lora_ref.keys() and all(torch.equal(lora[k], lora_ref[k]) for k in lora)
+    assert metrics["loss"] == metrics_ref["loss"]
+
+
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
+    cfg = make_run_cfg(assets, tmp_path)
+    real_loss = train.flow_matching_loss
+    calls = []
+
+    def nan_from_step_6(model, batch, flow, generator):
+        calls.append(1)
+        loss = real_loss(model, batch, flow, generator)
+        return loss * float("nan") if len(calls) >= 6 else loss
+
+    monkeypatch.setattr(train, "flow_matching_loss", nan_from_step_6)
+    with pytest.raises(FloatingPointError, match="at step 6.*step-000004"):
+        train.run(cfg)
+    checkpoints = train.list_checkpoints(tmp_path / "data" / "train" / "checkpoints")
+    assert [p.name for p in checkpoints] == ["step-000004"]
+    saved = load_file(checkpoints[0] / "adapter.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
+def _subprocess_env() -> dict:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_ends_with_identical_adapters(assets, tmp_path):
+    cfg = make_run_cfg(assets, tmp_path)  # copies the data
+    overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
+                 f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}",
+                 *FAST, "train.samples.prompts=[]", "train.epochs=2"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "-m", "artmaster.train", *overrides]
+    done = subprocess.run(command, cwd=project_root(), env=_subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((Path(cfg.paths.data_dir) / "train" / "metrics.json").read_text())
+    checksums = metrics["rank_checksums"]
+    assert len(checksums) == 2 and checksums[0] == checksums[1]
+    assert metrics["steps"] == 4  # 2 epochs x 4 batches, split over 2 ranks
+
+
+@pytest.mark.slow
+def test_two_by_two_sweep_is_one_parent_run_with_four_children_and_a_summary(assets, tmp_path):
+    import mlflow
+
+    cfg = make_run_cfg(assets, tmp_path)
+    sweep_dir = tmp_path / "multirun"
+    overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
+                 f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}",
+                 *FAST, "train.epochs=1", "train.samples.prompts=[]", "train.validation.every=0",
+                 f"hydra.sweep.dir={sweep_dir}"]
+    command = [sys.executable, "-m", "artmaster.cli", "train", "-m", "train.adalora.target_r=4,8",
+               "train.optim.lr=1e-4,2e-4", *overrides]
+    done = subprocess.run(command, cwd=project_root(), env=_subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = mlflow.MlflowClient(cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id
+    parents = client.search_runs([experiment], filter_string="tags.`artmaster.sweep` = 'parent'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
+    points = {(c.data.params["train.adalora.target_r"], c.data.params["train.optim.lr"]) for c in children}
+    assert points == {("4", "0.0001"), ("4", "0.0002"), ("8", "0.0001"), ("8", "0.0002")}
+    assert all("final_loss" in c.data.metrics for c in children)
+
+    rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
+    assert len(rows) == 4 and {"train.adalora.target_r", "train.optim.lr", "final_loss"} <= set(rows[0])
+    assert "| train.adalora.target_r |" in (sweep_dir / "summary.md").read_text().replace("| run | status ", "")
+    for number in range(4):  # each point wrote its own outputs; data/train was left alone
+        assert (sweep_dir / str(number) / "train" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    assert not (Path(cfg.paths.data_dir) / "train").exists()
