@@ -11,7 +11,7 @@ from PIL import Image, ImageDraw
 
 from artmaster import caption
 from artmaster.config import compose
-from artmaster.crop import read_jsonl, write_jsonl
+from artmaster.files import read_jsonl, write_jsonl
 
 PAPER = (236, 229, 212)
 INK = (30, 30, 32)

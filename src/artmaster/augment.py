@@ -35,10 +35,10 @@ from tqdm import tqdm
 
 from artmaster.config import hydra_entry, params_hash, stage_dir
 from artmaster.critic import Edit, build_critic
-from artmaster.crop import read_jsonl
+from artmaster.files import read_jsonl, write_atomic
 from artmaster.generate import generate_images, image_grid, save_image_atomic
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
-from artmaster.train import scaled_size, write_atomic
+from artmaster.train import scaled_size
 from artmaster.tracking import log_picture, stage_run
 
 log = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from artmaster import flux_math
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.crop import staged_dir
+from artmaster.files import staged_dir
 from artmaster.generate import encode_prompts, generate_images, image_grid
 from artmaster.tracking import log_picture, stage_run
 

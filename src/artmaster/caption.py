@@ -28,7 +28,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from artmaster.config import hydra_entry, project_root, stage_dir
-from artmaster.crop import read_jsonl, staged_dir, write_jsonl
+from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.imagestats import (
     ink_density,
     named_colour_fractions,
@@ -306,7 +306,11 @@ def sidecar_texts(cfg: DictConfig) -> dict[str, str]:
     if not manifest.is_file():
         log.warning("caption: %s not found; captions get no sidecar text", manifest)
         return {}
-    return {str(row["id"]): row.get("sidecar_text") or "" for row in read_jsonl(manifest) if "id" in row}
+    return {
+        str(row["id"]): row.get("sidecar_text") or ""
+        for row in read_jsonl(manifest)
+        if row.get("status") == "accepted"
+    }
 
 
 def run(cfg: DictConfig) -> dict:

@@ -39,7 +39,7 @@ def _usage() -> str:
         + "\nTools:\n"
         "  generate \"a prompt\" [--adapter DIR] [--count N] [--seed S] [--out grid.png]\n"
         "  score --reference DIR --images DIR [--json out.json]\n"
-        "  validate-metric --painter DIR --others DIR\n\n"
+        "  validate-metric --painter DIR --others DIR [--json out.json]\n\n"
         "Overrides are Hydra's: `artmaster train train.optim.lr=1e-4`,\n"
         "sweeps: `artmaster train -m train.adalora.target_r=4,8 train.optim.lr=1e-4,2e-4`.\n"
         "`artmaster <stage> --help` shows that stage's composed config.\n"

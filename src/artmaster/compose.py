@@ -5,8 +5,6 @@ DVC tracks each stage's parameters in params.yaml; conf/ stays the single source
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import yaml
 from omegaconf import DictConfig
 

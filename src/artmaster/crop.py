@@ -16,13 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -31,6 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from artmaster.config import hydra_entry, stage_dir
+from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.imagestats import (
     box_iou,
     box_sums,
@@ -368,49 +363,6 @@ def draw_contact_sheet(entries: list[SheetEntry], buckets: list[Bucket], sheet: 
             anchor="mm",
         )
     return canvas
-
-
-# --- files -------------------------------------------------------------------------------------
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a broken line is an error naming the file and line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
-    return rows
-
-
-def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
-@contextmanager
-def staged_dir(final: Path) -> Iterator[Path]:
-    """An empty sibling folder to write a stage's outputs into; it replaces `final` whole only
-    when the block succeeds, so a killed or failed run never leaves half-written outputs."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    staging.chmod(0o755)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if final.exists():
-        retired = final.with_name(f".{final.name}.old-{os.getpid()}")
-        final.rename(retired)
-        staging.rename(final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(final)
 
 
 def accepted_scans(cfg: DictConfig) -> list[dict]:

@@ -16,11 +16,11 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import ExifTags, Image, ImageDraw, ImageFont
+from PIL import ExifTags, Image
 from tqdm import tqdm
 
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.crop import staged_dir
+from artmaster.files import staged_dir, thumbnail_sheet
 from artmaster.painter import scan, style_by_name
 from artmaster.tracking import stage_run
 
@@ -160,26 +160,6 @@ def write_scan(image: Image.Image, path: Path, item: DemoScan, settings: DictCon
         image.save(path, "PNG", compress_level=int(settings.compress_level))
     else:
         write_tiff16(path, np.asarray(image, dtype=np.uint16) * 257, int(settings.compress_level))
-
-
-def thumbnail_sheet(items: list[tuple[str, Image.Image]], long_side: int, columns: int = 4) -> Image.Image:
-    """Thumbnails on a grid, each labelled underneath: a picture to look at instead of a listing."""
-    font = ImageFont.load_default(size=max(10, long_side // 16))
-    label_height = max(14, long_side // 10)
-    columns = max(1, min(columns, len(items)))
-    rows = max(1, -(-len(items) // columns))
-    sheet = Image.new(
-        "RGB", (columns * (long_side + 8) + 8, rows * (long_side + label_height + 8) + 8), "white"
-    )
-    draw = ImageDraw.Draw(sheet)
-    for index, (label, image) in enumerate(items):
-        thumb = image.convert("RGB")
-        thumb.thumbnail((long_side, long_side), Image.Resampling.BOX)
-        left = 8 + (index % columns) * (long_side + 8)
-        top = 8 + (index // columns) * (long_side + label_height + 8)
-        sheet.paste(thumb, (left + (long_side - thumb.width) // 2, top + (long_side - thumb.height) // 2))
-        draw.text((left, top + long_side + 2), label, fill="black", font=font)
-    return sheet
 
 
 def run(cfg: DictConfig) -> dict:

@@ -30,8 +30,7 @@ from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.crop import staged_dir, write_jsonl
-from artmaster.demo_scans import thumbnail_sheet
+from artmaster.files import staged_dir, thumbnail_sheet, write_jsonl
 from artmaster.tracking import stage_run
 
 SRGB = ImageCms.createProfile("sRGB")

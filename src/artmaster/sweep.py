@@ -27,14 +27,14 @@ class SweepTracking(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from artmaster.tracking import _experiment_id, tracking_uri
+        from artmaster.tracking import experiment_id_for, tracking_uri
 
         mlflow.set_tracking_uri(tracking_uri(config))
         self.sweep_dir = Path(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
         run = mlflow.start_run(
             run_name=f"sweep {config.hydra.job.name}: {overrides}"[:250],
-            experiment_id=_experiment_id(mlflow, config),
+            experiment_id=experiment_id_for(mlflow, config),
         )
         mlflow.set_tags({"artmaster.sweep": "parent", "sweep_dir": str(self.sweep_dir),
                          "hydra_overrides": overrides[:5000]})

@@ -46,7 +46,7 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def _experiment_id(mlflow, cfg: DictConfig) -> str:
+def experiment_id_for(mlflow, cfg: DictConfig) -> str:
     name = cfg.tracking.experiment_name
     found = mlflow.get_experiment_by_name(name)
     if found is not None:
@@ -68,7 +68,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...]) -> Iterato
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment_id = _experiment_id(mlflow, cfg)
+    experiment_id = experiment_id_for(mlflow, cfg)
     read = {name: _plain(cfg[name]) for name in sections if name in cfg}
     with mlflow.start_run(
         run_name=stage, experiment_id=experiment_id, nested=mlflow.active_run() is not None

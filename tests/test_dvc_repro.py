@@ -1,0 +1,67 @@
+"""`dvc repro` on a copy of the repository: a second run runs nothing, and changing one caption
+parameter in conf/ re-runs only `compose` and `caption` (stages after caption are not asked for)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def run(*command: str, cwd: Path) -> str:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, f"{' '.join(command)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def set_value(path: Path, key: str, value: str) -> None:
+    text, count = re.subn(rf"(?m)^{key}:.*$", f"{key}: {value}", path.read_text(encoding="utf-8"), count=1)
+    assert count == 1, f"{path}: no top-level {key!r}"
+    path.write_text(text, encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """A fresh clone of the working tree (tracked and new files), with fewer, smaller demo scans."""
+    repo = tmp_path_factory.mktemp("repo")
+    listed = run("git", "ls-files", "--cached", "--others", "--exclude-standard", "-z", cwd=ROOT)
+    for name in filter(None, listed.split("\0")):
+        if (ROOT / name).is_file():
+            (repo / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, repo / name)
+    demo = repo / "conf" / "data" / "demo.yaml"
+    text = demo.read_text(encoding="utf-8")
+    for key, value in {"count": "3", "in_subfolder": "1", "min_long_side": "1024", "max_long_side": "1200"}.items():
+        text, count = re.subn(rf"(?m)^  {key}:\s*\S+", f"  {key}: {value}", text, count=1)
+        assert count == 1, key
+    demo.write_text(text, encoding="utf-8")
+    run("git", "init", "-q", cwd=repo)
+    run("dvc", "repro", "caption", cwd=repo)
+    return repo
+
+
+def test_a_second_repro_runs_nothing(workspace):
+    output = run("dvc", "repro", "caption", cwd=workspace)
+    assert stages_run(output) == [], output
+
+
+def test_changing_a_caption_parameter_reruns_only_compose_and_caption(workspace):
+    before = (workspace / "data" / "caption" / "captions.jsonl").read_text(encoding="utf-8")
+    set_value(workspace / "conf" / "caption" / "template.yaml", "trigger", "xiaohu-zeng style")
+    output = run("dvc", "repro", "caption", cwd=workspace)
+    assert stages_run(output) == ["compose", "caption"], output
+    after = (workspace / "data" / "caption" / "captions.jsonl").read_text(encoding="utf-8")
+    assert after != before and "xiaohu-zeng style" in after and "zxh style" not in after
+    assert "trigger: xiaohu-zeng style" in (workspace / "params.yaml").read_text(encoding="utf-8")
