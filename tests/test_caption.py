@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from tiny_vlm import save_tiny_llava
 
 from artmaster import caption
 from artmaster.config import compose
@@ -217,72 +218,9 @@ def test_caption_table_and_counts_are_logged_to_mlflow(make):
 # --- vlm backend, with a tiny random-weight model built and saved locally -----------------------
 
 
-def _save_tiny_vlm(folder: Path) -> None:
-    """A random-init LLaVA (CLIP vision tower + Qwen2 language model) with a locally built
-    word-level tokenizer and PIL image processor, saved with save_pretrained.
-
-    LLaVA rather than Qwen2-VL: in transformers 5 Qwen2VLProcessor needs a video processor,
-    which needs torchvision, which this CPU-only environment does not have."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast
-    from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
-
-    words = "ink wash mountain mountains mist gorge emerald ochre dotted trees peaks light".split()
-    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(["[UNK]", *words])}, unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|im_end|>", pad_token="<|endoftext|>"
-    )
-    fast.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<image>"]})
-    chat_template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-    )
-    processor = LlavaProcessor(
-        image_processor=LlavaImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28}),
-        tokenizer=fast,
-        chat_template=chat_template,
-        patch_size=14,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,  # CLIP's class token
-    )
-    config = LlavaConfig(
-        text_config={
-            "model_type": "qwen2",
-            "vocab_size": len(fast),
-            "hidden_size": 32,
-            "intermediate_size": 64,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "num_key_value_heads": 1,
-            "eos_token_id": fast.eos_token_id,
-            "pad_token_id": fast.pad_token_id,
-        },
-        vision_config={
-            "model_type": "clip_vision_model",
-            "hidden_size": 16,
-            "intermediate_size": 32,
-            "num_hidden_layers": 1,
-            "num_attention_heads": 2,
-            "image_size": 28,
-            "patch_size": 14,
-        },
-        image_token_id=fast.convert_tokens_to_ids("<image>"),
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    torch.manual_seed(0)
-    processor.save_pretrained(folder)
-    LlavaForConditionalGeneration(config).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def tiny_vlm(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_vlm")
-    _save_tiny_vlm(folder)
-    return folder
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny_vlm"))
 
 
 @pytest.mark.slow

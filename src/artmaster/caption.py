@@ -39,6 +39,7 @@ from artmaster.imagestats import (
     to_float_rgb,
 )
 from artmaster.tracking import log_picture, stage_run
+from artmaster.vlm import load_image_text_model
 
 log = logging.getLogger(__name__)
 
@@ -181,29 +182,9 @@ class VLMCaptioner:
     source = "vlm"
 
     def __init__(self, settings: DictConfig):
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
-
-        vlm = settings.vlm
-        if not vlm.model_path or not Path(vlm.model_path).is_dir():
-            raise FileNotFoundError(
-                f"caption.vlm.model_path={vlm.model_path!r} is not a folder: save an "
-                "image-text-to-text model (e.g. Qwen/Qwen2-VL-2B-Instruct) to a local folder "
-                "and set caption.vlm.model_path to it"
-            )
-        if vlm.dtype == "auto":
-            dtype = "auto"
-        elif isinstance(getattr(torch, str(vlm.dtype), None), torch.dtype):
-            dtype = getattr(torch, vlm.dtype)
-        else:
-            raise ValueError(f"caption.vlm.dtype={vlm.dtype!r}: use auto, float32, bfloat16 or float16")
-        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if vlm.device == "auto" else vlm.device
-        common = {"local_files_only": vlm.local_files_only, "trust_remote_code": vlm.trust_remote_code}
-        self.processor = AutoProcessor.from_pretrained(vlm.model_path, **common)
-        self.model = AutoModelForImageTextToText.from_pretrained(
-            vlm.model_path, dtype=dtype, use_safetensors=vlm.use_safetensors, **common
-        ).to(self.device)
-        self.model.eval()
+        self.processor, self.model, self.device = load_image_text_model(
+            settings.vlm, "caption.vlm", "an image-text-to-text model (e.g. Qwen2-VL-2B-Instruct)"
+        )
         self.settings = settings
 
     def _prompt_text(self) -> str:

@@ -23,7 +23,6 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Protocol
 
 from omegaconf import DictConfig
@@ -31,6 +30,7 @@ from PIL import Image
 
 from artmaster.imagestats import box_iou
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.vlm import load_image_text_model
 
 log = logging.getLogger(__name__)
 
@@ -232,33 +232,6 @@ def parse_edits(
 # --- vlm critic --------------------------------------------------------------------------------
 
 
-def load_image_text_model(settings: DictConfig):
-    """(processor, model, device) of a local transformers image-text-to-text model; safetensors
-    only, nothing downloaded, remote code only when `trust_remote_code` is set."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    folder = Path(str(settings.model_path)) if settings.model_path else None
-    if folder is None or not folder.is_dir():
-        raise FileNotFoundError(
-            f"critic.model_path={settings.model_path!r} is not a folder: save a grounding model "
-            "(e.g. Qwen2-VL-7B-Instruct) with save_pretrained to a local folder and point to it"
-        )
-    if not any(folder.glob("*.safetensors")):
-        raise FileNotFoundError(f"{folder}: no *.safetensors weights (only safetensors are loaded)")
-    if settings.dtype == "auto":
-        dtype = "auto"
-    elif isinstance(getattr(torch, str(settings.dtype), None), torch.dtype):
-        dtype = getattr(torch, str(settings.dtype))
-    else:
-        raise ValueError(f"critic.dtype={settings.dtype!r}: use auto, float32, bfloat16 or float16")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if settings.device == "auto" else str(settings.device)
-    common = {"local_files_only": True, "trust_remote_code": bool(settings.trust_remote_code)}
-    processor = AutoProcessor.from_pretrained(str(folder), **common)
-    model = AutoModelForImageTextToText.from_pretrained(str(folder), dtype=dtype, use_safetensors=True, **common)
-    return processor, model.to(device).eval(), device
-
-
 class VlmCritic:
     """A local grounding model proposes (box, local prompt) pairs for the painter's style."""
 
@@ -266,7 +239,9 @@ class VlmCritic:
         if settings.box_format not in BOX_FORMATS:
             raise ValueError(f"critic.box_format={settings.box_format!r} is not one of {', '.join(BOX_FORMATS)}")
         self.settings = settings
-        self.processor, self.model, self.device = load_image_text_model(settings)
+        self.processor, self.model, self.device = load_image_text_model(
+            settings, "critic", "a grounding model (e.g. Qwen2-VL-7B-Instruct)"
+        )
         self.limits = BoxLimits(float(settings.min_area), float(settings.max_area), int(settings.max_edits))
 
     def _request(self, prompt: str) -> str:
