@@ -170,7 +170,7 @@ def build_bad_scans(folder: Path) -> dict[str, Expected]:
     )
 
     put("tiny.png", encoded(painting(14, 64, 48), "PNG"), Expected("rejected", "too_small"))
-    put("banner.png", encoded(painting(15, 1400, 130), "PNG"), Expected("rejected", "extreme_aspect"))
+    put("banner.png", encoded(painting(15, 2000, 130), "PNG"), Expected("rejected", "extreme_aspect"))
     put("山水 卷轴/画 一.png", encoded(painting(16), "PNG"), Expected("accepted", size=(240, 320)))
     # a header declaring 100000 x 100000 RGB pixels (30 GB decoded) over a few bytes of data
     put(
@@ -178,4 +178,58 @@ def build_bad_scans(folder: Path) -> dict[str, Expected]:
         png_bytes(100_000, 100_000, 8, 2, zlib.compress(b"\0" * 1000)),
         Expected("rejected", "too_many_pixels"),
     )
+    build_more_bad_scans(folder, put, expected)
     return expected
+
+
+# Sidecar captions in awkward encodings: (scan name, sidecar bytes, the caption ingest reads or None
+# when the sidecar is rejected). Each scan is a distinct painting, accepted.
+SIDECARS = {
+    "utf16_sidecar.png": ("山水 mist\x07 over the gorge\r\n".encode("utf-16"), "山水 mist over the gorge"),
+    "gbk_sidecar.png": ("湘西峡谷 in mist".encode("gbk"), None),
+    "utf16_no_bom_sidecar.png": ("Misty gorge".encode("utf-16-le"), None),
+    "escapes_sidecar.png": (
+        "\u202eevil\u202c Cliffs\x1b[31m in\x0c light\u200b\x7f".encode(),
+        "evil Cliffs [31m in light",
+    ),
+}
+
+
+def build_more_bad_scans(folder: Path, put, expected: dict[str, Expected]) -> None:
+    """Kinds added for issue 7: several frames, links, permissions, handscrolls, sidecar encodings,
+    a broken ICC profile and folder litter."""
+    import os
+
+    # animated GIF: the first frame is the scan (documented in artmaster.ingest)
+    frames = [painting(index).quantize(64) for index in (17, 18, 19)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    put("animated.gif", buffer.getvalue(), Expected("accepted", size=(240, 320)))
+    # a multi-page TIFF: its first page is the scan
+    pages = [painting(20), painting(21)]
+    buffer = io.BytesIO()
+    pages[0].save(buffer, "TIFF", save_all=True, append_images=pages[1:])
+    put("multipage.tif", buffer.getvalue(), Expected("accepted", size=(240, 320)))
+    # an embedded ICC profile that is not one: ignored (noted), the pixels kept as they are
+    put("bad_icc.png", encoded(painting(22), "PNG", icc_profile=b"not an ICC profile"), Expected("accepted"))
+    # a handscroll of 10:1: accepted (data.ingest.max_aspect 12)
+    put("handscroll.png", encoded(painting(23, 1400, 140), "PNG"), Expected("accepted", size=(1400, 140)))
+    # unreadable (chmod 000); as root every file stays readable, so there it is simply accepted
+    put("unreadable.png", encoded(painting(24), "PNG"), Expected("accepted"))
+    (folder / "unreadable.png").chmod(0)
+    if not os.access(folder / "unreadable.png", os.R_OK):
+        expected["unreadable.png"] = Expected("rejected", "unreadable")
+    # links: two pointing at each other, one to nothing, and a folder link back up the tree
+    os.symlink("loop_b.png", folder / "loop_a.png")
+    os.symlink("loop_a.png", folder / "loop_b.png")
+    expected["loop_a.png"] = expected["loop_b.png"] = Expected("rejected", "symlink_loop")
+    os.symlink("no_such_scan.png", folder / "broken_link.png")
+    expected["broken_link.png"] = Expected("rejected", "broken_link")
+    os.symlink("..", folder / "山水 卷轴" / "up")
+    expected["山水 卷轴/up"] = Expected("rejected", "symlink_loop")
+    # folder litter from a file manager
+    put(".DS_Store", b"\0\0\0\1Bud1" + bytes(64), Expected("rejected", "not_an_image"))
+    # sidecars in other encodings, with control and direction characters
+    for index, (name, (data, _)) in enumerate(sorted(SIDECARS.items()), start=25):
+        put(name, encoded(painting(index), "PNG"), Expected("accepted", size=(240, 320)))
+        (folder / name).with_suffix(".txt").write_bytes(data)

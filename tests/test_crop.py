@@ -198,12 +198,58 @@ def test_same_input_gives_identical_crops(cropped, tmp_path, tracking_root):
     again = [row for row in crop.read_jsonl(source / "manifest.jsonl") if row["id"] in ("scroll", "large")]
     crop.write_jsonl(data / "ingest" / "manifest.jsonl", again)
     (data / "ingest" / "images").symlink_to(source / "images")
-    crop.run(_cfg(data, tracking_root))
+    crop.run(_cfg(data, tracking_root, "data.holdout.scans=1"))
     first, second = cropped["root"] / "data" / "crop", data / "crop"
     expected = [row for row in cropped["rows"] if row["scan_id"] in ("scroll", "large")]
-    assert crop.read_jsonl(second / "crops.jsonl") == expected
+
+    def unsplit(rows):  # which scans are held out depends on the set of scans
+        return [{k: v for k, v in row.items() if k != "split"} for row in rows]
+
+    assert unsplit(crop.read_jsonl(second / "crops.jsonl")) == unsplit(expected)
     for row in expected:
         assert (first / row["path"]).read_bytes() == (second / row["path"]).read_bytes()
+
+
+def test_heldout_scans_are_whole_scans_chosen_deterministically(cropped):
+    rows, result = cropped["rows"], cropped["result"]
+    holdout = cropped["cfg"].data.holdout
+    assert holdout.scans == 2
+    assert {row["split"] for row in rows} == {"train", "heldout"}
+    by_scan = {}
+    for row in rows:
+        by_scan.setdefault(row["scan_id"], set()).add(row["split"])
+    assert all(len(splits) == 1 for splits in by_scan.values()), "a scan's crops share one split"
+    heldout = sorted(scan for scan, splits in by_scan.items() if splits == {"heldout"})
+    assert heldout == result["heldout_scans"] and len(heldout) == 2
+    assert result["per_split"] == {"train": sum(r["split"] == "train" for r in rows), "heldout": len(crop.split_rows(rows, "heldout"))}
+    assert crop.heldout_scans(list(by_scan), holdout) == set(heldout)
+    assert crop.heldout_scans(list(reversed(list(by_scan))), holdout) == set(heldout), "order does not matter"
+
+
+def test_heldout_choice_rules():
+    holdout = compose(["data.holdout.scans=2", "data.holdout.seed=0"]).data.holdout
+    ids = [f"scan{i}" for i in range(10)]
+    chosen = crop.heldout_scans(ids, holdout)
+    assert len(chosen) == 2 and chosen <= set(ids)
+    other_seed = compose(["data.holdout.scans=2", "data.holdout.seed=1"]).data.holdout
+    assert any(crop.heldout_scans(ids, compose([f"data.holdout.seed={s}"]).data.holdout) != chosen for s in range(1, 5))
+    assert crop.heldout_scans(ids, other_seed) == crop.heldout_scans(ids, other_seed)
+    assert crop.heldout_scans(ids, compose(["data.holdout.scans=0"]).data.holdout) == set()
+    with pytest.raises(ValueError, match="leaves no scan to train on"):
+        crop.heldout_scans(ids[:2], holdout)
+    # rows written before the split existed count as training rows
+    assert crop.split_rows([{"crop_id": "x"}], "train") == [{"crop_id": "x"}]
+    assert crop.split_rows([{"crop_id": "x"}], "heldout") == []
+
+
+def test_contact_sheet_frames_heldout_scans(cropped):
+    sheet_cfg = cropped["cfg"].crop.contact_sheet
+    with Image.open(cropped["root"] / "data" / "crop" / "contact_sheet.png") as sheet:
+        pixels = np.asarray(sheet.convert("RGB")).astype(int)
+    frame = np.array(Image.new("RGB", (1, 1), sheet_cfg.heldout_colour).getpixel((0, 0)))
+    framed = (np.abs(pixels - frame).sum(axis=2) == 0).sum()
+    # two framed cells: four sides of about a tile each, line_width + 2 px wide
+    assert framed > 2 * 4 * (sheet_cfg.tile - 10) * (sheet_cfg.line_width + 2) * 0.9
 
 
 def test_window_edges_avoid_dense_strokes():

@@ -1,5 +1,6 @@
 import hashlib
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,13 +33,16 @@ def workspace(tmp_path_factory):
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[str, int]]:
+    """Content hash (when readable) and mtime of every file; links by their target text."""
     return {
         path.relative_to(folder).as_posix(): (
-            hashlib.sha256(path.read_bytes()).hexdigest(),
+            hashlib.sha256(path.read_bytes()).hexdigest() if os.access(path, os.R_OK) else "unreadable",
             path.stat().st_mtime_ns,
         )
+        if not path.is_symlink()
+        else ("link", os.readlink(path))
         for path in folder.rglob("*")
-        if path.is_file()
+        if path.is_file() or path.is_symlink()
     }
 
 
@@ -89,7 +93,7 @@ def test_reasons_name_the_problem(corpus):
     assert "truncated" in reasons["truncated.jpg"] and "truncated" in reasons["truncated.png"]
     assert "not an image" in reasons["notes.jpg"]
     assert "short side 48 px is under min_side=128" in reasons["tiny.png"]
-    assert "aspect ratio 10.77" in reasons["banner.png"]
+    assert "aspect ratio 15.38" in reasons["banner.png"] and "max_aspect=12.0" in reasons["banner.png"]
     assert "10000000000 pixels" in reasons["gigantic.png"] and "without decoding" in reasons["gigantic.png"]
     assert reasons["dup_b.png"] == "same pixels as dup_a.png"
     assert "near-duplicate of near_dup_orig.png" in reasons["near_dup_reencoded.jpg"]
@@ -101,12 +105,12 @@ def test_summary_counts_and_line(corpus):
     assert summary["read"] == len(corpus.expected)
     assert summary["accepted"] == statuses.count("accepted")
     assert summary["rejected"] == len(statuses) - statuses.count("accepted")
-    assert summary["duplicates"] == 2 and summary["sidecars"] == 1 and summary["sidecars_rejected"] == 1
-    assert summary["reasons"]["truncated"] == 2 and summary["reasons"]["not_an_image"] == 3
+    assert summary["duplicates"] == 2 and summary["sidecars"] == 3 and summary["sidecars_rejected"] == 3
+    assert summary["reasons"]["truncated"] == 2 and summary["reasons"]["not_an_image"] == 4
     assert summary["line"].startswith(
         f"ingest: {summary['read']} read, {summary['accepted']} accepted, {summary['rejected']} rejected: "
     )
-    assert "2 truncated" in summary["line"] and "1 sidecar(s) rejected" in summary["line"]
+    assert "2 truncated" in summary["line"] and "3 sidecar(s) rejected" in summary["line"]
     assert json.loads((corpus.out / "summary.json").read_text(encoding="utf-8")) == summary
 
 
@@ -177,6 +181,70 @@ def test_sidecars_are_clean_utf8_or_rejected_alone(corpus):
     cmyk = corpus.rows["cmyk.jpg"]
     assert cmyk["status"] == "accepted" and cmyk["sidecar_text"] is None
     assert "cmyk.txt is not UTF-8" in cmyk["sidecar_error"]
+
+
+def test_the_corpus_has_at_least_25_kinds_of_awkward_file(corpus):
+    assert len(corpus.expected) >= 35 and len({e.reason_code for e in corpus.expected.values()}) >= 11
+
+
+def test_animated_and_multipage_files_give_their_first_frame(corpus):
+    gif = _image(corpus, "animated.gif")
+    first, second = (np.asarray(painting(i), dtype=np.int32) for i in (17, 18))
+    assert np.abs(gif - first).mean() < 8 < np.abs(gif - second).mean()
+    assert corpus.rows["animated.gif"]["steps"][0] == "first of 3 frames used (GIF with several frames)"
+    assert (_image(corpus, "multipage.tif") == np.asarray(painting(20))).all()
+    assert corpus.rows["multipage.tif"]["steps"][0].startswith("first of 2 frames used")
+
+
+def test_links_going_nowhere_or_in_a_loop_are_rejected_with_the_reason(corpus):
+    reasons = {source: row["reason"] for source, row in corpus.rows.items()}
+    assert reasons["loop_a.png"] == "symbolic link loop (loop_a.png -> loop_b.png)"
+    assert reasons["broken_link.png"] == "symbolic link to no_such_scan.png, which does not exist"
+    assert "symbolic link loop" in reasons["山水 卷轴/up"]
+    # the folder reached again through the link was not read twice: each scan has one row
+    assert not any(source.startswith("山水 卷轴/up/") for source in corpus.rows)
+
+
+def test_a_broken_icc_profile_is_ignored_and_noted(corpus):
+    assert any(step.startswith("ICC profile ignored") for step in corpus.rows["bad_icc.png"]["steps"])
+
+
+def test_unreadable_files_are_rejected_naming_the_permission(workspace, monkeypatch):
+    """chmod 000 does not stop root, so the refusal is simulated: open() raises PermissionError."""
+    import builtins
+
+    scans = workspace.root / "unreadable"
+    scans.mkdir()
+    painting(40).save(scans / "fine.png")
+    painting(41).save(scans / "locked.png")
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if str(file).endswith("locked.png"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    cfg = workspace.make_cfg("unreadable", scans)
+    summary = run(cfg)
+    monkeypatch.undo()
+    manifest = Path(cfg.paths.data_dir) / "ingest" / "manifest.jsonl"
+    rows = {row["source"]: row for row in map(json.loads, manifest.read_text(encoding="utf-8").splitlines())}
+    assert summary["accepted"] == 1 and rows["fine.png"]["status"] == "accepted"
+    assert rows["locked.png"]["reason_code"] == "unreadable"
+    assert rows["locked.png"]["reason"] == "permission denied (Permission denied): make the file readable to ingest it"
+
+
+def test_sidecars_in_other_encodings_are_decoded_or_rejected_alone(corpus):
+    from bad_scans import SIDECARS
+
+    for name, (_, caption) in SIDECARS.items():
+        row = corpus.rows[name]
+        assert row["status"] == "accepted", name
+        assert row["sidecar_text"] == caption, name
+    assert "gbk_sidecar.txt is not UTF-8" in corpus.rows["gbk_sidecar.png"]["sidecar_error"]
+    assert "save it as UTF-8" in corpus.rows["gbk_sidecar.png"]["sidecar_error"]
+    assert "NUL bytes (UTF-16 without a byte-order mark?)" in corpus.rows["utf16_no_bom_sidecar.png"]["sidecar_error"]
 
 
 def test_raw_scans_are_never_modified(corpus):

@@ -37,7 +37,8 @@ def write_fixture_data(data_dir: Path, sizes: list[tuple[int, int]]) -> None:
         image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
         image.save(crop_dir / bucket / f"{crop_id}.png")
         rows.append({"crop_id": crop_id, "scan_id": f"scan{index}", "bucket": bucket, "width": width,
-                     "height": height, "box": [0, 0, width, height], "path": f"{bucket}/{crop_id}.png"})
+                     "height": height, "box": [0, 0, width, height], "path": f"{bucket}/{crop_id}.png",
+                     "split": "train"})
         captions.append({"crop_id": crop_id, "caption": f"zxh style, ink mountains, mist {index}",
                          "source": "template"})
     caption_dir.mkdir(parents=True, exist_ok=True)
@@ -135,6 +136,18 @@ def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
     logged = caplog.text
     assert rows[1]["crop_id"] in logged and "uncaptioned" in logged and "no caption" in logged
     assert "escape" in logged and "outside" in logged
+
+
+def test_only_training_split_crops_are_examples(tmp_path):
+    """Crops of held-out scans (split: heldout) are evaluate's reference: never training examples."""
+    data = tmp_path / "data"
+    write_fixture_data(data, [SQUARE, SQUARE, PORTRAIT, SQUARE])
+    rows = [json.loads(line) for line in (data / "crop" / "crops.jsonl").read_text().splitlines()]
+    rows[1]["split"] = rows[2]["split"] = "heldout"
+    del rows[3]["split"]  # written before the split existed: a training crop
+    (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    examples = train.load_examples(compose([f"paths.data_dir={data}"]))
+    assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[3]["crop_id"]]
 
 
 def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, monkeypatch):

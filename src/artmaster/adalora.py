@@ -263,6 +263,20 @@ def add_orthogonal_gradient_(peft_model: PeftModel, weight: float) -> torch.Tens
     return torch.cat(norms).sum() / count
 
 
+def set_input_casting(peft_model: torch.nn.Module, enabled: bool) -> int:
+    """Turn peft's cast of each adapted layer's input to the adapter dtype on or off; returns the
+    number of layers. With fp32 adapters on bf16 activations the cast makes an fp32 copy of every
+    adapted layer's input, which bf16 autocast turns straight back into bf16 for the LoRA product:
+    the same numbers, at the cost of two activation-sized copies per layer in each direction
+    (418 layers at FLUX.1-dev size). Under autocast the cast can go."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [module for module in peft_model.modules() if isinstance(module, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = enabled
+    return len(layers)
+
+
 # --------------------------------------------------------------------------------------------
 # Rank allocator
 
@@ -690,3 +704,123 @@ def rank_heatmap(ranks: dict[str, int], path: str | Path, title: str = "AdaLoRA 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading adapters back: continue an AdaLoRA run, fuse or concatenate plain LoRAs (`retrain`)
+
+
+@torch.no_grad()
+def load_adalora_weights_(peft_model: PeftModel, folder: str | Path) -> dict[str, int]:
+    """Continue from a saved AdaLoRA folder (`save_pretrained`: each module's kept singular
+    triplets only, their positions in `rank_pattern`): the kept triplets go back to their
+    positions, masked ones get lora_E = 0 and keep this model's fresh lora_A/lora_B, so the model
+    starts exactly at the saved adapter and the allocator can revive masked ranks. The folder
+    must come from the same recipe (target modules, init_r, lora_alpha). Returns the saved ranks."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    config_file, weights_file = folder / "adapter_config.json", folder / "adapter_model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{folder}: no peft adapter folder (adapter_config.json + adapter_model.safetensors)")
+    saved = json.loads(config_file.read_text(encoding="utf-8"))
+    layout = _layout(peft_model)
+    adapter = layout.adapter
+    config = peft_model.peft_config[adapter]
+    if saved.get("peft_type") != "ADALORA":
+        raise ValueError(f"{folder}: a {saved.get('peft_type')} adapter, not AdaLoRA: cannot continue it")
+    for key in ("init_r", "lora_alpha"):
+        if saved.get(key) != getattr(config, key):
+            raise ValueError(f"{folder}: saved with {key}={saved.get(key)}, but this run's train.adalora.{key} is "
+                             f"{getattr(config, key)}: continue only with the recipe that made the adapter")
+    tensors = load_file(str(weights_file))
+    saved_modules = {key.removeprefix("base_model.model.").rsplit(".", 1)[0] for key in tensors}
+    if saved_modules - set(layout.names) or set(layout.names) - saved_modules:
+        differ = sorted(saved_modules ^ set(layout.names))
+        raise ValueError(f"{folder}: adapted modules differ from this run's target set, e.g. {differ[:3]}")
+    pattern = saved.get("rank_pattern") or {}
+    ranks = {}
+    for name, layer in zip(layout.names, layout.layers):
+        init_r = layer.lora_A[adapter].shape[0]
+        keep = torch.tensor(pattern.get(f"{name}.lora_E", [True] * init_r), dtype=torch.bool)
+        key = f"base_model.model.{name}"
+        parts = {role: tensors[f"{key}.{role}"] for role in ROLES}
+        if parts["lora_E"].shape[0] != int(keep.sum()):
+            raise ValueError(f"{folder}: {name} holds {parts['lora_E'].shape[0]} triplets, its rank_pattern {int(keep.sum())}")
+        A, B, E = (getattr(layer, role)[adapter] for role in ROLES)
+        keep = keep.to(A.device)
+        E.zero_()
+        E[keep] = parts["lora_E"].to(E.device, E.dtype)
+        A[keep] = parts["lora_A"].to(A.device, A.dtype)
+        B[:, keep] = parts["lora_B"].to(B.device, B.dtype)
+        ranks[name] = int(keep.sum())
+    return ranks
+
+
+def read_lora(folder: str | Path, out_features: dict[str, int] | None = None) -> ExportedLora:
+    """A diffusers LoRA folder (pytorch_lora_weights.safetensors, `transformer.<module>.lora_A/B`
+    keys) as plain LoRA with scale 1: each module's scale (its `.alpha` / rank when stored, else
+    the header's `lora_adapter_metadata` lora_alpha / r, else 1) is folded into lora_B."""
+    from safetensors import safe_open
+
+    path = Path(folder) / DIFFUSERS_WEIGHT_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no diffusers LoRA file")
+    with safe_open(str(path), framework="pt") as handle:
+        header = handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    default_scale = 1.0
+    if "lora_adapter_metadata" in header:
+        meta = json.loads(header["lora_adapter_metadata"])
+        if meta.get("r"):
+            default_scale = float(meta.get("lora_alpha", meta["r"])) / float(meta["r"])
+    lora_A, lora_B, ranks = {}, {}, {}
+    for key, down in tensors.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        if not key.startswith("transformer."):
+            raise ValueError(f"{path}: key {key!r} is not a diffusers transformer LoRA key")
+        module = key.removeprefix("transformer.").removesuffix(".lora_A.weight")
+        up = tensors[f"transformer.{module}.lora_B.weight"]
+        alpha = tensors.get(f"transformer.{module}.alpha")
+        scale = float(alpha) / down.shape[0] if alpha is not None else default_scale
+        lora_A[module] = down.float()
+        lora_B[module] = up.float() * scale
+        ranks[module] = down.shape[0]
+    if not lora_A:
+        raise ValueError(f"{path}: holds no LoRA tensors")
+    return ExportedLora(lora_A, lora_B, ranks, dict(out_features or {}))
+
+
+@torch.no_grad()
+def fuse_lora_(transformer: torch.nn.Module, folder: str | Path) -> int:
+    """Add a plain LoRA's update B @ A into the base weights of `transformer` (in place, computed
+    in fp32): the base that the next adapter trains on. Returns the number of modules changed."""
+    lora = read_lora(folder)
+    for module, down in lora.lora_A.items():
+        try:
+            linear = transformer.get_submodule(module)
+        except AttributeError:
+            raise ValueError(f"{folder}: LoRA module {module!r} is not in the transformer (another base model?)") from None
+        delta = lora.lora_B[module].to(linear.weight.device) @ down.to(linear.weight.device)
+        if delta.shape != linear.weight.shape:
+            raise ValueError(f"{folder}: {module} update {tuple(delta.shape)} does not fit weight {tuple(linear.weight.shape)}")
+        linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+    return len(lora.lora_A)
+
+
+def concat_loras(loras: list[ExportedLora], out_features: dict[str, int]) -> ExportedLora:
+    """One plain LoRA equal to the sum of several: per module, A stacked and B side by side, so
+    [B1 B2] @ [A1; A2] = B1 A1 + B2 A2 exactly; its rank is the sum of the parts' ranks."""
+    lora_A: dict[str, torch.Tensor] = {}
+    lora_B: dict[str, torch.Tensor] = {}
+    for lora in loras:
+        for module, down in lora.lora_A.items():
+            if module in lora_A:
+                lora_A[module] = torch.cat([lora_A[module], down])
+                lora_B[module] = torch.cat([lora_B[module], lora.lora_B[module]], dim=1)
+            else:
+                lora_A[module], lora_B[module] = down, lora.lora_B[module]
+    modules = {module for lora in loras for module in lora.ranks}
+    ranks = {module: lora_A[module].shape[0] if module in lora_A else 0 for module in sorted(modules)}
+    return ExportedLora(lora_A, lora_B, ranks, dict(out_features))

@@ -1,11 +1,12 @@
 """Stage `augment`: one ArtAug round of critic-refined generations, kept only when closer to the painter.
 
 For each planned sample (prompt i mod len(prompts), seed `augment.seed + i`):
-1. generate the original with the current adapter (`augment.adapter`) through `generate_images`;
+1. generate the original with the current adapter (`augment.adapter` in round 0, the adapter
+   retrained in round r-1 in round r > 0: `round_adapter`) through `generate_images`;
 2. the critic (conf/critic) marks regions that drift from the painter, with local prompts;
 3. the refiner (conf/refine) repaints them from the same seed;
 4. the filter keeps the refined image only when its style_score (artmaster.metrics, reference
-   model fitted on the crops) beats the original's by `augment.filter.margin` and its nearest crop
+   model fitted on the training crops) beats the original's by `augment.filter.margin` and its nearest crop
    is not so close that it would be a near-copy.
 
 Writes data/augment/round_<r>/: samples/<id>.json (provenance: prompt, seed, critic output, scores,
@@ -33,8 +34,9 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from artmaster.config import hydra_entry, params_hash, stage_dir
+from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
+from artmaster.crop import TRAIN, split_rows
 from artmaster.files import read_jsonl, write_atomic
 from artmaster.generate import generate_images, image_grid, save_image_atomic
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
@@ -85,7 +87,7 @@ def files_digest(paths: list[Path], root: Path) -> str:
 def inputs_fingerprint(cfg: DictConfig, adapter: Path, crops_file: Path, captions_file: Path) -> str:
     """What a finished sample depends on besides its prompt and seed (pictures excluded)."""
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    for key in ("picture", "round", "rounds", "count", "prompts", "seed", "cpu_threads"):
+    for key in ("picture", "round", "rounds", "plan", "count", "prompts", "seed", "cpu_threads"):
         augment.pop(key)
     return params_hash(
         {
@@ -172,7 +174,7 @@ class Workers:
         from artmaster.models import load_pipeline
 
         pipe = load_pipeline(self.cfg.model)
-        pipe.load_lora_weights(str(self.cfg.augment.adapter))
+        pipe.load_lora_weights(str(round_adapter(self.cfg)), use_safetensors=True)  # never a pickle
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -304,22 +306,31 @@ def torch_threads(count: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+def round_adapter(cfg: DictConfig) -> Path:
+    """The LoRA this round paints with: `augment.adapter` in round 0, the adapter retrained in
+    round r-1 (data/retrain/round_<r-1>/lora) in round r > 0 (`augment.plan`)."""
+    return Path(str(round_entry(cfg, int(cfg.augment.round))["adapter"]))
+
+
 def run(cfg: DictConfig) -> dict:
     """One ArtAug round: generate -> critique -> refine -> filter, resumable per sample."""
     settings = cfg.augment
     if not 0 <= int(settings.round) < int(settings.rounds):
         raise ValueError(f"augment.round={settings.round} must be in [0, augment.rounds={settings.rounds})")
-    adapter = Path(str(settings.adapter))
+    adapter = round_adapter(cfg)
     if not adapter.is_dir() or not any(adapter.glob("*.safetensors")):
-        raise FileNotFoundError(
-            f"augment.adapter {adapter}: no LoRA folder with *.safetensors (run `artmaster train` first, "
-            "or point augment.adapter at a diffusers LoRA folder)"
-        )
+        previous = ("`artmaster train` first, or point augment.adapter at a diffusers LoRA folder"
+                    if int(settings.round) == 0 else f"`artmaster retrain retrain.round={int(settings.round) - 1}` first")
+        raise FileNotFoundError(f"augment.adapter {adapter}: no LoRA folder with *.safetensors (run {previous})")
     crop_dir = stage_dir(cfg, "crop")
     crops_file = crop_dir / "crops.jsonl"
     captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
-    crops = read_jsonl(crops_file)
-    captions = [str(row["caption"]) for row in read_jsonl(captions_file) if row.get("caption")]
+    # the reference model, the near-copy check and the critic see the training crops only: the
+    # held-out scans (data.holdout) stay unseen for the evaluate stage
+    crops = split_rows(read_jsonl(crops_file, within={"path": crop_dir}), TRAIN)  # no path out of data/crop
+    train_ids = {str(row["crop_id"]) for row in crops}
+    captions = [str(row["caption"]) for row in read_jsonl(captions_file)
+                if row.get("caption") and str(row.get("crop_id")) in train_ids]
     plan = sample_plan(settings)
     generation = generation_settings(cfg)
     fingerprint = inputs_fingerprint(cfg, adapter, crops_file, captions_file)

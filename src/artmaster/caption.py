@@ -298,7 +298,7 @@ def run(cfg: DictConfig) -> dict:
     """Caption every crop of data/crop with `caption.backend`; the overrides file wins."""
     settings = cfg.caption
     crop_dir = stage_dir(cfg, "crop")
-    crops = read_jsonl(crop_dir / "crops.jsonl")
+    crops = read_jsonl(crop_dir / "crops.jsonl", within={"path": crop_dir})  # no path out of data/crop
     if not crops:
         raise ValueError(f"{crop_dir / 'crops.jsonl'}: no crops to caption")
     sidecars = sidecar_texts(cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -18,6 +19,47 @@ from hydra import initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+# --- ArtAug rounds: computed config values (resolvers), so dvc.yaml can `foreach` over them ----
+
+
+def round_plan(rounds: int, first_adapter: str, data_dir: str) -> dict:
+    """One entry per ArtAug round r: `adapter`, the LoRA folder augment paints with (round 0:
+    `augment.adapter`; r > 0: the one retrained in round r-1), and `previous`, the folder retrain
+    round r starts from (data/train, then data/retrain/round_<r-1>)."""
+    rounds = int(rounds)
+    if rounds < 1:
+        raise ValueError(f"augment.rounds={rounds}: at least one round")
+    plan = {}
+    for r in range(rounds):
+        previous = f"{data_dir}/train" if r == 0 else f"{data_dir}/retrain/round_{r - 1}"
+        plan[f"round_{r}"] = {"round": r, "adapter": str(first_adapter) if r == 0 else f"{previous}/lora",
+                              "previous": previous}
+    return plan
+
+
+def round_entry(cfg: DictConfig, r: int) -> dict:
+    """`augment.plan`'s entry for round r as plain data ({"round", "adapter", "previous"})."""
+    plan = cfg.augment.plan
+    plan = OmegaConf.to_container(plan, resolve=True) if OmegaConf.is_config(plan) else plan
+    key = f"round_{int(r)}"
+    if key not in plan:
+        raise ValueError(f"round {r} is not planned: augment.rounds={cfg.augment.rounds}")
+    return plan[key]
+
+
+def _register_resolvers() -> None:
+    resolvers = {
+        "artmaster_rounds": round_plan,
+        "artmaster_last_round": lambda rounds: int(rounds) - 1,
+    }
+    for name, function in resolvers.items():
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, function)
+
+
+_register_resolvers()
 
 
 def project_root() -> Path:
@@ -41,9 +83,118 @@ def conf_dir() -> Path:
 
 
 def compose(overrides: Iterable[str] = ()) -> DictConfig:
-    """Compose conf/ with Hydra overrides, without running a Hydra app (tests, notebooks, tools)."""
+    """Compose conf/ with Hydra overrides, without running a Hydra app (tests, notebooks, tools).
+    Values of the wrong type are a ConfigError naming the key (see `validate`)."""
+    overrides = list(overrides)
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = hydra_compose(config_name="config", overrides=overrides)
+        validate(cfg, overrides)
+    return cfg
+
+
+# --- validation: a wrong-typed value stops at compose time with one clear line ----------------
+
+
+class ConfigError(ValueError):
+    """A problem the user fixes in conf/, an override or the environment. The `artmaster` command
+    prints its message alone (one line, no traceback) and exits with status 2."""
+
+
+# The most important numeric keys, checked whatever set them (a conf/ file or an override).
+# Every other key is checked only when an override sets it: against the type of its conf/ value.
+TYPED_KEYS = {
+    "seed": "int",
+    "data.ingest.min_side": "int",
+    "data.ingest.max_aspect": "number",
+    "data.ingest.max_image_pixels": "int",
+    "data.ingest.max_long_side": "int",
+    "crop.max_iou": "number",
+    "crop.max_per_scan": "int",
+    "crop.per_bucket_scale": "int",
+    "crop.stride": "number",
+    "crop.min_ink_fraction": "number",
+    "train.image_scale": "number",
+    "train.repeats": "int",
+    "train.epochs": "int",
+    "train.batch_size": "int",
+    "train.gradient_accumulation": "int",
+    "train.optim.lr": "number",
+    "train.optim.weight_decay": "number",
+    "train.log_every": "int",
+    "train.checkpoint.keep": "int",
+    "augment.count": "int",
+    "augment.rounds": "int",
+    "tracking.enabled": "bool",
+    "tracking.timeout_s": "number",
+}
+_KINDS = {"int": (int,), "number": (int, float), "bool": (bool,)}
+_WORDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
+
+
+def _kind_of(value) -> str | None:
+    """The checked kind a conf/ value declares: int, number (float) or bool; None for the rest."""
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "number"
+    return None
+
+
+def _check(key: str, value, kind: str, origin: str) -> None:
+    if value is None:  # null is how optional settings are switched off
+        return
+    ok = isinstance(value, _KINDS[kind]) and (kind == "bool" or not isinstance(value, bool))
+    if not ok:
+        raise ConfigError(
+            f"config: {key}={value!r} is a {type(value).__name__}, expected {_WORDS[kind]}{origin}; "
+            "fix the override or the conf/ file that sets it"
+        )
+
+
+def _select(cfg: DictConfig, key: str):
+    try:
+        return OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+    except Exception:  # an interpolation that cannot resolve is reported where it is used
+        return None
+
+
+def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
+    """(config group selections such as `model=flux_dev`, keys set to a value such as `crop.max_iou`)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    groups, keys = [], []
+    for override in OverridesParser.create().parse_overrides([str(o) for o in overrides]):
+        key = override.key_or_group
+        if key.startswith("hydra") or override.is_sweep_override():
+            continue
+        if (conf_dir() / key).is_dir():
+            if not override.is_delete():
+                groups.append(override.input_line)
+        elif not override.is_delete() and not override.is_add():
+            keys.append(key)
+    return groups, keys
+
+
+def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
+    """ConfigError (one line naming the key and the expected type) when a value has the wrong
+    type: the keys of TYPED_KEYS always, and every key an override sets against the type of its
+    value in conf/ (`crop.max_iou=abc`, `train.optim.lr=fast`, `train.epochs=2.5`). Must run with
+    Hydra initialised on conf/ when there are overrides (inside `compose` or a Hydra app)."""
+    for key, kind in TYPED_KEYS.items():
+        if OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False) != "__absent__":
+            _check(key, _select(cfg, key), kind, "")
+    groups, keys = _split_overrides(overrides)
+    keys = [key for key in keys if key not in TYPED_KEYS]
+    if not keys:
+        return
+    baseline = hydra_compose(config_name="config", overrides=groups)
+    for key in keys:
+        kind = _kind_of(_select(baseline, key))
+        if kind is not None:
+            default = OmegaConf.to_yaml({"v": _select(baseline, key)}).strip()[3:]
+            _check(key, _select(cfg, key), kind, f" like its value in conf/ ({default})")
 
 
 def to_params(cfg: DictConfig) -> dict:
@@ -69,7 +220,14 @@ def hydra_entry(run: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
-        return run(cfg)
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            validate(cfg, HydraConfig.get().overrides.task)
+            return run(cfg)
+        except ConfigError as error:  # the user's to fix: one clear line, no traceback
+            print(f"artmaster: {error}", file=sys.stderr)
+            sys.exit(2)
 
     _main.__doc__ = run.__doc__
     return _main

@@ -8,11 +8,14 @@ through dense strokes at their edges, keep a balanced share of background, and o
 at most `crop.max_iou`. Each window is cut from the full-resolution scan and downscaled with
 Lanczos to exactly the bucket size.
 
-Writes data/crop/<WxH>/<crop_id>.png, crops.jsonl, contact_sheet.png and summary.json.
+Writes data/crop/<WxH>/<crop_id>.png, crops.jsonl, contact_sheet.png and summary.json. Every row
+of crops.jsonl has a `split`: `heldout` for the crops of the `data.holdout.scans` scans kept out of
+training as the evaluate stage's style reference, `train` for the rest.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -95,14 +98,16 @@ def _steps(lab: np.ndarray, offset: int, axis: int) -> np.ndarray:
     return np.linalg.norm(lab[tuple(after)] - lab[tuple(before)], axis=2)
 
 
-def _painting_span(cross: np.ndarray, along: np.ndarray, border: DictConfig) -> tuple[int, int]:
+def _painting_span(cross: np.ndarray, along: np.ndarray, border: DictConfig, gap: int | None = None) -> tuple[int, int]:
     """[start, end) of the painting along one axis (axis 1 of both arrays).
 
     `cross[:, i]`: steps across line i + offset; `along[:, i]`: steps along line i. A line is an
     edge when a step crosses it along at least `edge_support` of its length, and busy when more
     than `max_busy` of its length has steps along it (ink). Walking in from each side, the mount
     is quiet lines and edges; the painting's edge is the innermost edge before the first busy
-    line, so straight mist bands and horizons deeper inside never count.
+    line, so straight mist bands and horizons deeper inside never count. The mount's edges lie
+    close together: an edge more than `gap` lines inside the previous one is the painting's own
+    (a handscroll's long horizon or sky line, where the quiet lines run deep) and ends the walk.
     """
     offset, length = border.step_offset, along.shape[1]
     strength = np.zeros(length, dtype=np.float32)
@@ -115,6 +120,8 @@ def _painting_span(cross: np.ndarray, along: np.ndarray, border: DictConfig) -> 
         found = None
         for line in walk:
             if edge[line]:
+                if found is not None and gap is not None and abs(line - found) > gap:
+                    break
                 found = line
             elif not quiet[line]:
                 break
@@ -134,15 +141,19 @@ def detect_painting(lab: np.ndarray, border: DictConfig) -> tuple[int, int, int,
         raise ValueError(f"image of {lab.shape[1]}x{lab.shape[0]} analysis px is too small to analyse")
     across_columns = _steps(lab, offset, axis=1)  # (H, W - 2 offset)
     across_rows = _steps(lab, offset, axis=0)  # (H - 2 offset, W)
-    left, right = _painting_span(across_columns, across_rows, border)
-    top, bottom = _painting_span(across_rows.T, across_columns.T, border)
+    max_gap = border.get("max_gap")
+    gap = None if max_gap is None else max(2 * offset, round(float(max_gap) * min(lab.shape[:2])))
+    left, right = _painting_span(across_columns, across_rows, border, gap)
+    top, bottom = _painting_span(across_rows.T, across_columns.T, border, gap)
     if right - left < 4 * offset or bottom - top < 4 * offset:
         raise ValueError("no painting found inside the mounting border (its edges cross)")
     return left, top, right, bottom
 
 
 def analyse(scan: Image.Image, settings: DictConfig) -> ScanAnalysis:
-    small = reduced(scan, settings.analysis_long_side)
+    # an elongated scan (a handscroll) keeps a short side of analysis_long_side / 2 px
+    aspect = max(scan.size) / min(scan.size)
+    small = reduced(scan, round(settings.analysis_long_side * max(1.0, aspect / 2)))
     lab = rgb_to_lab(to_float_rgb(small))
     fx, fy = small.width / scan.width, small.height / scan.height
     left, top, right, bottom = detect_painting(lab, settings.border)
@@ -268,10 +279,15 @@ def score_windows(windows: np.ndarray, analysis: ScanAnalysis, settings: DictCon
 def choose_crops(analysis: ScanAnalysis, buckets: list[Bucket], settings: DictConfig) -> list[CropChoice]:
     """Greedy: per scale (as listed), per bucket, the best windows that keep overlap bounded.
     Buckets closest to the painting's own aspect ratio choose first (a hanging scroll's
-    full-width crop is a portrait one)."""
+    full-width crop is a portrait one). A painting more elongated than `long_scan_aspect` (a
+    handscroll) holds several compositions along its length: `per_bucket_scale` and
+    `max_per_scan` are multiplied by floor(its aspect ratio / long_scan_aspect)."""
     left, top, right, bottom = analysis.painting
     aspect = math.log((right - left) / (bottom - top))
     by_fit = sorted(buckets, key=lambda b: abs(math.log(b.width / b.height) - aspect))
+    long_scan = float(settings.get("long_scan_aspect") or math.inf)
+    lengths = max(1, math.floor(math.exp(abs(aspect)) / long_scan))
+    per_bucket_scale, max_per_scan = settings.per_bucket_scale * lengths, settings.max_per_scan * lengths
     chosen: list[CropChoice] = []
     for scale in settings.scales:
         for bucket in by_fit:
@@ -283,7 +299,7 @@ def choose_crops(analysis: ScanAnalysis, buckets: list[Bucket], settings: DictCo
             order = np.lexsort((windows[:, 0], windows[:, 1], -np.round(scores, 9)))
             taken = 0
             for index in order:
-                if len(chosen) >= settings.max_per_scan or taken >= settings.per_bucket_scale:
+                if len(chosen) >= max_per_scan or taken >= per_bucket_scale:
                     break
                 box = tuple(int(v) for v in windows[index])
                 if not eligible[index] or any(box_iou(box, c.box) > settings.max_iou for c in chosen):
@@ -308,6 +324,7 @@ class SheetEntry:
     analysis: ScanAnalysis
     crops: list[CropChoice]
     note: str = ""
+    heldout: bool = False  # held out of training (data.holdout): framed and labelled on the sheet
 
 
 def draw_contact_sheet(entries: list[SheetEntry], buckets: list[Bucket], sheet: DictConfig) -> Image.Image:
@@ -354,7 +371,11 @@ def draw_contact_sheet(entries: list[SheetEntry], buckets: list[Bucket], sheet: 
             text_box = draw.textbbox((corners[0] + 3, corners[1] + 3), label, font=font)
             draw.rectangle(text_box, fill=colour)
             draw.text((corners[0] + 3, corners[1] + 3), label, fill="white", font=font)
-        caption = f"{entry.scan_id}: {len(entry.crops)} crops {entry.note}".strip()
+        if entry.heldout:  # a frame around the cell: these crops are evaluate's reference, never trained on
+            draw.rectangle([cell_x + 1, cell_y + 1, cell_x + sheet.tile - 2, cell_y + sheet.tile - 2],
+                           outline=sheet.heldout_colour, width=sheet.line_width + 2)
+        held = " HELD OUT" if entry.heldout else ""
+        caption = f"{entry.scan_id}: {len(entry.crops)} crops{held} {entry.note}".strip()
         draw.text(
             (cell_x + sheet.tile // 2, cell_y + sheet.tile + sheet.caption_height // 2),
             caption,
@@ -365,9 +386,38 @@ def draw_contact_sheet(entries: list[SheetEntry], buckets: list[Bucket], sheet: 
     return canvas
 
 
+# --- held-out scans ----------------------------------------------------------------------------
+
+TRAIN, HELDOUT = "train", "heldout"  # values of the `split` field of crops.jsonl
+
+
+def heldout_scans(scan_ids: list[str], holdout: DictConfig) -> set[str]:
+    """`holdout.scans` of `scan_ids` held out of training. Ids are ranked by a hash of
+    (`holdout.seed`, id), so the choice does not depend on the order the scans are read in."""
+    count, ids = int(holdout.scans), sorted(set(scan_ids))
+    if count < 0:
+        raise ValueError(f"data.holdout.scans must be >= 0, got {count}")
+    if count and count >= len(ids):
+        raise ValueError(
+            f"data.holdout.scans={count} leaves no scan to train on: only {len(ids)} scan(s) gave crops"
+        )
+    rank = {i: hashlib.sha256(f"{holdout.seed}\0{i}".encode()).hexdigest() for i in ids}
+    return set(sorted(ids, key=rank.__getitem__)[:count])
+
+
+def split_rows(rows: list[dict], split: str) -> list[dict]:
+    """Rows of crops.jsonl in `split` (train | heldout). Rows written before the split existed
+    have no `split` field and count as train (such a crops.jsonl has no held-out scans)."""
+    if split not in (TRAIN, HELDOUT):
+        raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
+    return [row for row in rows if row.get("split", TRAIN) == split]
+
+
 def accepted_scans(cfg: DictConfig) -> list[dict]:
     manifest = stage_dir(cfg, "ingest") / "manifest.jsonl"
-    rows = [row for row in read_jsonl(manifest) if row.get("status") == "accepted"]
+    # a scan id names its image (images/<id>.png) and the crops' files: never a path out of the folder
+    images = stage_dir(cfg, "ingest") / "images"
+    rows = [row for row in read_jsonl(manifest, within={"id": images}) if row.get("status") == "accepted"]
     if not rows:
         raise ValueError(f"{manifest}: no accepted scan to crop")
     return rows
@@ -377,14 +427,15 @@ def accepted_scans(cfg: DictConfig) -> list[dict]:
 
 
 def run(cfg: DictConfig) -> dict:
-    """Crop every accepted scan of data/ingest into the enabled buckets of `crop.buckets`."""
+    """Crop every accepted scan of data/ingest into the enabled buckets of `crop.buckets`, and
+    mark the crops of `data.holdout.scans` scans held out of training."""
     settings = cfg.crop
     buckets = enabled_buckets(settings)
     scans = accepted_scans(cfg)
     images_dir = stage_dir(cfg, "ingest") / "images"
     out_dir = stage_dir(cfg, "crop")
 
-    with stage_run(cfg, "crop", sections=("crop",)), staged_dir(out_dir) as staging:
+    with stage_run(cfg, "crop", sections=("crop", "data")), staged_dir(out_dir) as staging:
         import mlflow
 
         for bucket in buckets:
@@ -433,6 +484,11 @@ def run(cfg: DictConfig) -> dict:
                 "enabled bucket (crop.buckets, crop.min_source_scale) or blank (crop.min_ink_fraction)"
             )
 
+        heldout = heldout_scans([row["scan_id"] for row in rows], cfg.data.holdout)
+        for row in rows:
+            row["split"] = HELDOUT if row["scan_id"] in heldout else TRAIN
+        for entry in entries:
+            entry.heldout = entry.scan_id in heldout
         write_jsonl(staging / "crops.jsonl", rows)
         sheet = draw_contact_sheet(entries, buckets, settings.contact_sheet)
         sheet.save(staging / "contact_sheet.png", compress_level=settings.png_compress_level)
@@ -442,6 +498,8 @@ def run(cfg: DictConfig) -> dict:
             "crops": len(rows),
             "per_bucket": per_bucket,
             "scans_without_crops": [e.scan_id for e in entries if not e.crops],
+            "heldout_scans": sorted(heldout),
+            "per_split": {split: sum(r["split"] == split for r in rows) for split in (TRAIN, HELDOUT)},
             "failed": failed,
             "paintings": paintings,
         }
@@ -453,6 +511,8 @@ def run(cfg: DictConfig) -> dict:
                 "crops": len(rows),
                 "failed_scans": len(failed),
                 "scans_without_crops": len(summary["scans_without_crops"]),
+                "heldout_scans": len(heldout),
+                "crops_heldout": summary["per_split"][HELDOUT],
                 **{f"crops_{name}": count for name, count in per_bucket.items()},
             }
         )
@@ -462,6 +522,7 @@ def run(cfg: DictConfig) -> dict:
     print(
         f"crop: {len(entries)} scans -> {len(rows)} crops "
         + ", ".join(f"{name}: {count}" for name, count in per_bucket.items())
+        + f"; {summary['per_split'][HELDOUT]} crops of {len(heldout)} held-out scans"
         + (f"; {len(failed)} unreadable" if failed else "")
     )
     return {"out_dir": str(out_dir), **summary}

@@ -6,15 +6,48 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from PIL import Image, ImageDraw, ImageFont
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSON-lines file; a broken line is an error naming the file and line."""
+class UnsafePath(ValueError):
+    """A path read from a manifest, caption or overrides file that would leave its folder."""
+
+
+def inside(root: Path, relative: str | os.PathLike, where: str = "") -> Path:
+    """`root / relative`, refused (UnsafePath naming `where`, e.g. "crops.jsonl:3") unless
+    `relative` stays inside `root`: relative, not empty, no `..` part, no drive, no NUL byte.
+
+    The check is on the text, not on resolved links, so a folder DVC checks out as symlinks or
+    hardlinks into its cache still passes, while `../../etc/passwd` or `/etc/passwd` never does.
+    """
+    text = os.fspath(relative)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    posix = PurePosixPath(text.replace("\\", "/"))
+    if (
+        not text.strip()
+        or "\0" in text
+        or posix.is_absolute()
+        or PureWindowsPath(text).drive
+        or ".." in posix.parts
+        or posix.parts in ((), (".",))
+    ):
+        prefix = f"{where}: " if where else ""
+        raise UnsafePath(
+            f"{prefix}path {text!r} is not a relative path inside {root} (absolute, empty or with '..'); refused"
+        )
+    return Path(root) / posix
+
+
+def read_jsonl(path: Path, within: Mapping[str, Path] | None = None) -> list[dict]:
+    """Rows of a JSON-lines file; a broken line is an error naming the file and line.
+
+    `within` maps a field to the folder its value is a path in (e.g. {"path": crop_dir}): a row
+    whose value would leave that folder is an UnsafePath error naming the file and line."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (run the stage that writes it first)")
     rows = []
@@ -22,9 +55,13 @@ def read_jsonl(path: Path) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path}:{number}: not valid JSON ({error.msg})") from error
+        for key, root in (within or {}).items():
+            if isinstance(row, dict) and row.get(key) is not None:
+                inside(root, str(row[key]), where=f"{path}:{number}: field {key!r}")
+        rows.append(row)
     return rows
 
 
@@ -37,7 +74,8 @@ def staged_dir(final: Path) -> Iterator[Path]:
     """An empty sibling folder to write a stage's outputs into; it replaces `final` whole only
     when the block succeeds, so a killed or failed run never leaves half-written outputs."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_abandoned(final)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     staging.chmod(0o755)
     try:
         yield staging
@@ -53,10 +91,42 @@ def staged_dir(final: Path) -> Iterator[Path]:
         staging.rename(final)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_abandoned(final: Path) -> list[Path]:
+    """Delete the staging and retired folders that a killed run (SIGKILL, power loss) left next
+    to `final` (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`), when that process is gone. They were
+    never `final` itself, so nothing DVC tracks is touched; a live run's folders are left alone."""
+    removed = []
+    for path in final.parent.glob(f".{final.name}.*-*"):
+        kind, _, rest = path.name[len(final.name) + 2 :].partition("-")
+        pid = rest.split("-")[0]
+        if kind in ("tmp", "old") and pid.isdigit() and not _alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write a file whole or not at all: a temporary sibling, flushed to disk, then renamed."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-    tmp.replace(path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def thumbnail_sheet(items: list[tuple[str, Image.Image]], long_side: int, columns: int = 4) -> Image.Image:

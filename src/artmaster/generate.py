@@ -46,6 +46,17 @@ def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
     return cache
 
 
+def load_adapter(pipe, adapter: str | Path, fuse: bool = False) -> None:
+    """Load a LoRA (folder or .safetensors) into the pipeline's transformer; with `fuse` fold it
+    into the base weights (W + BA, rounded once to the weights' dtype) and drop the LoRA layers,
+    so each denoising step runs the bare model: 418 fewer LoRA branches per step at FLUX.1-dev
+    size. A fused adapter cannot be switched off again without reloading the pipeline."""
+    pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
+    if fuse:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers
+
+
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
                     steps: int, guidance: float, max_sequence_length: int, batch_size: int = 4,
                     embedding_cache: EmbeddingCache | None = None) -> list[Image.Image]:
@@ -154,7 +165,7 @@ def cli(command: str, argv: list[str]) -> int:
         print(f"artmaster {command}: cannot load the base model: {error}", file=sys.stderr)
         return 1
     if args.adapter is not None:
-        pipe.load_lora_weights(str(args.adapter))
+        load_adapter(pipe, args.adapter, fuse=bool(cfg.model.get("fuse_lora", False)))
     seeds = [first_seed + offset for offset in range(count)]
     images = generate_images(
         pipe, [args.prompt] * count, seeds,

@@ -5,7 +5,11 @@ palette, CMYK, grayscale and alpha (composited onto `alpha_background`) converte
 ICC profile converted to sRGB. Scans that are too small, too elongated, identical to an earlier
 one (sha256 of the normalised pixels) or nearly so (perceptual hash) are set aside with a reason.
 A header declaring more than `max_image_pixels` is refused before decoding; big JPEGs are decoded
-reduced. The raw scans are only read, never modified.
+reduced. Of an animated GIF (or any file with several frames) the first frame is the scan. Links
+are followed once; a link loop, a broken link or an unreadable file is rejected with the reason.
+Sidecar captions are UTF-8 (or UTF-16 with a BOM); another encoding rejects the sidecar alone.
+Handscrolls (up to `max_aspect`, 12:1 by default) are accepted. The raw scans are only read,
+never modified.
 
 Writes data/ingest/images/<id>.png, manifest.jsonl (one row per file, see docs/architecture.md)
 and summary.json; prints "ingest: N read, M accepted, K rejected: <reason counts>". Fails only
@@ -14,9 +18,12 @@ when the folder is missing or empty or no valid scan remains.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import stat
 import unicodedata
 import warnings
 from collections import Counter
@@ -29,7 +36,7 @@ from omegaconf import DictConfig
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from artmaster.config import hydra_entry, stage_dir
+from artmaster.config import ConfigError, hydra_entry, stage_dir
 from artmaster.files import staged_dir, thumbnail_sheet, write_jsonl
 from artmaster.tracking import stage_run
 
@@ -47,6 +54,10 @@ PLAIN_MODES = {
     "YCbCr": "RGB",
     "HSV": "RGB",
 }
+
+
+class ScansFolderMissing(ConfigError, FileNotFoundError):
+    """`data.scans_dir` is not a folder (the command prints the message as one line)."""
 
 
 class ScanRejected(Exception):
@@ -71,13 +82,46 @@ def decompression_guard(max_pixels: int) -> Iterator[None]:
         Image.MAX_IMAGE_PIXELS = previous
 
 
+def _stat_size(path: Path) -> int:
+    """The file's size; ScanRejected for what is not a readable file (links going nowhere or in a
+    loop, a folder reached twice through links)."""
+    try:
+        info = path.stat()
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise ScanRejected("symlink_loop", f"symbolic link loop ({path.name} -> {os.readlink(path)})") from None
+        if path.is_symlink():
+            raise ScanRejected(
+                "broken_link", f"symbolic link to {os.readlink(path)}, which does not exist"
+            ) from None
+        raise ScanRejected("unreadable", f"cannot read the file ({error.strerror or error})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ScanRejected(
+            "symlink_loop", "a link to a folder already read (a symbolic link loop); its files are not read twice"
+        )
+    return info.st_size
+
+
+def _long_side_scale(width: int, height: int, settings: DictConfig) -> float:
+    """Downscale factor (<= 1) of a scan: to `max_long_side` on its long side, except that an
+    elongated scan (a handscroll, more than 2:1) keeps a short side of `max_long_side / 2`, so its
+    crops get the resolution a hanging scroll's get instead of being rejected as too small."""
+    limit = float(settings.max_long_side)
+    return min(1.0, max(limit / max(width, height), limit / 2 / min(width, height)))
+
+
 def _open(path: Path, settings: DictConfig, row: dict) -> Image.Image:
     """Open and fully decode one file (reduced for big JPEGs) noting its format, mode and declared
-    size in the manifest row; ScanRejected if it cannot be."""
-    if path.stat().st_size == 0:
+    size in the manifest row; ScanRejected if it cannot be. Of an animated or multi-page file
+    (GIF, APNG, WebP, TIFF) the first frame is the scan, noted in the row's steps."""
+    if _stat_size(path) == 0:
         raise ScanRejected("empty", "empty file (0 bytes)")
     try:
         image = Image.open(path)
+    except PermissionError as error:
+        raise ScanRejected(
+            "unreadable", f"permission denied ({error.strerror}): make the file readable to ingest it"
+        ) from None
     except UnidentifiedImageError:
         raise ScanRejected("not_an_image", "not an image file PIL can decode (unknown format)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -89,9 +133,12 @@ def _open(path: Path, settings: DictConfig, row: dict) -> Image.Image:
         raise ScanRejected("corrupt", f"cannot read the image header: {error}") from None
     declared = image.size
     row.update(format=image.format, mode=image.mode, declared_size=list(declared))
+    frames = getattr(image, "n_frames", 1)
+    if frames > 1:
+        row["steps"].append(f"first of {frames} frames used ({image.format} with several frames)")
     try:
-        if image.format == "JPEG" and max(declared) > settings.max_long_side:
-            scale = settings.max_long_side / max(declared)
+        scale = _long_side_scale(*declared, settings)
+        if image.format == "JPEG" and scale < 1:
             image.draft(None, (max(1, round(declared[0] * scale)), max(1, round(declared[1] * scale))))
             if image.size != declared:
                 row["steps"].append(
@@ -166,8 +213,8 @@ def normalise(image: Image.Image, settings: DictConfig, steps: list[str]) -> Ima
     elif image.mode != "RGB":
         steps.append(f"{image.mode} -> RGB")
         image = image.convert("RGB")
-    if max(image.size) > settings.max_long_side:
-        scale = settings.max_long_side / max(image.size)
+    scale = _long_side_scale(image.width, image.height, settings)
+    if scale < 1:
         size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         steps.append(f"downscaled from {image.width}x{image.height} to {size[0]}x{size[1]}")
         image = image.resize(size, Image.Resampling.LANCZOS)
@@ -200,23 +247,62 @@ def hamming(a: int, b: int) -> int:
     return (a ^ b).bit_count()
 
 
+# invisible characters that reorder or hide text (bidi overrides, zero-width): removed from captions
+HIDDEN = set("\u200b\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\ufeff")
+
+
 def read_sidecar(path: Path) -> str | None:
-    """A caption file as one clean line: UTF-8 (BOM allowed), NFC, control characters removed."""
+    """A caption file as one clean line: UTF-8 (BOM allowed) or UTF-16 with its BOM, NFC, control
+    and invisible direction characters removed. Any other encoding (GBK, Latin-1, UTF-16 without
+    a BOM) is rejected with the reason; the scan itself is kept."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
+        data = path.read_bytes()
+    except OSError as error:
+        raise ScanRejected("bad_sidecar", f"sidecar {path.name} cannot be read ({error.strerror or error})") from None
+    try:
+        if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+            text = data.decode("utf-16")
+        elif b"\0" in data:
+            raise ScanRejected(
+                "bad_sidecar",
+                f"sidecar {path.name} holds NUL bytes (UTF-16 without a byte-order mark?); save it as UTF-8",
+            )
+        else:
+            text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise ScanRejected(
-            "bad_sidecar", f"sidecar {path.name} is not UTF-8 (byte {error.start}: {error.reason})"
+            "bad_sidecar",
+            f"sidecar {path.name} is not UTF-8 (byte {error.start}: {error.reason}; GBK or Latin-1?); "
+            "save it as UTF-8",
         ) from None
     text = unicodedata.normalize("NFC", text)
-    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text)
+    text = "".join(" " if unicodedata.category(ch) == "Cc" else ch for ch in text if ch not in HIDDEN)
     return " ".join(text.split()) or None
+
+
+def _walk(root: Path) -> list[Path]:
+    """Every entry under root that is not a folder to descend into: files, and links that go
+    nowhere, loop, or lead to a folder already read (ingest rejects those with the reason).
+    Linked folders are followed once each, so a link back up the tree cannot loop."""
+    found, seen = [], {os.path.realpath(root)}
+    for folder, dirs, names in os.walk(root, followlinks=True):
+        descend = []
+        for name in sorted(dirs):
+            real = os.path.realpath(os.path.join(folder, name))
+            if real in seen:
+                found.append(Path(folder) / name)
+            else:
+                seen.add(real)
+                descend.append(name)
+        dirs[:] = descend
+        found.extend(Path(folder) / name for name in names)
+    return found
 
 
 def list_scans(root: Path, sidecar_suffix: str) -> list[tuple[Path, Path | None]]:
     """(file, its sidecar or None) for every file under root, in a stable order. A .txt file is a
     sidecar when another file in its folder shares its stem; otherwise it is a candidate scan."""
-    files = sorted((p for p in root.rglob("*") if p.is_file()), key=lambda p: p.relative_to(root).as_posix())
+    files = sorted(_walk(root), key=lambda p: p.relative_to(root).as_posix())
     suffix = sidecar_suffix.lower()
     sidecars = {(p.parent, p.stem): p for p in files if p.suffix.lower() == suffix}
     stems_with_scans = {(p.parent, p.stem) for p in files if p.suffix.lower() != suffix}
@@ -339,10 +425,10 @@ def run(cfg: DictConfig) -> dict:
     settings = cfg.data.ingest
     root = Path(cfg.data.scans_dir)
     if not root.is_dir():
-        raise FileNotFoundError(f"ingest: scans folder {root} does not exist (set data.scans_dir)")
+        raise ScansFolderMissing(f"ingest: scans folder {root} does not exist (set data.scans_dir)")
     pairs = list_scans(root, settings.sidecar_suffix)
     if not pairs:
-        raise ValueError(f"ingest: scans folder {root} holds no files")
+        raise ConfigError(f"ingest: scans folder {root} holds no files (set data.scans_dir)")
 
     with stage_run(cfg, "ingest", sections=("data",)), staged_dir(stage_dir(cfg, "ingest")) as staging:
         import mlflow

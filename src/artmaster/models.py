@@ -128,9 +128,12 @@ def pipeline_source(model_cfg: DictConfig) -> str:
 
 
 def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
-    """The one loader: `flux_dev_random` builds, every other profile reads saved weights."""
+    """The one loader: `flux_dev_random` builds, every other profile reads saved weights; on CUDA
+    with `model.compile` the transformer's blocks are compiled (lazily, on first use)."""
     if model_cfg.profile == "flux_dev_random":
-        return build_random_pipeline(model_cfg)
+        pipe = build_random_pipeline(model_cfg)
+        maybe_compile(pipe.transformer, model_cfg)
+        return pipe
     source = pipeline_source(model_cfg)
     if model_cfg.path and not Path(source).is_dir():
         hint = " (run `artmaster base` first)" if model_cfg.profile == "tiny" else ""
@@ -142,4 +145,55 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
         local_files_only=bool(model_cfg.local_files_only),
         use_safetensors=True,
     )
-    return pipe.to(resolve_device(model_cfg))
+    pipe = pipe.to(resolve_device(model_cfg))
+    maybe_compile(pipe.transformer, model_cfg)
+    return pipe
+
+
+def compile_blocks(transformer: torch.nn.Module, **options) -> int:
+    """Regional compilation: `torch.compile` each repeated transformer block in place, never the
+    whole model. Blocks of one class share their compiled code (19 double + 38 single blocks at
+    FLUX.1-dev size compile two graphs, not 57), and layers injected later (peft LoRA/AdaLoRA)
+    are traced into it on the first call. Compilation is lazy: nothing happens until a forward.
+    Returns the number of blocks compiled."""
+    blocks = [m for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    for block in blocks:
+        block.compile(**options)
+    return len(blocks)
+
+
+def uncompile_blocks(transformer: torch.nn.Module) -> None:
+    """Undo `compile_blocks`: the blocks run eagerly again (compiled code stays cached)."""
+    for module in transformer.modules():
+        if type(module).__name__ in BLOCK_CLASSES:
+            module._compiled_call_impl = None
+
+
+BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+@contextmanager
+def eager_blocks(transformer: torch.nn.Module):
+    """Run the blocks eagerly inside the `with`, their compiled code kept for afterwards (no
+    recompile). Blocks compiled with CUDA graphs (mode reduce-overhead) train fine, but inference
+    through them fails: the blocks share one graph, so the next block's replay overwrites the
+    output the residual still reads."""
+    saved = [(m, m._compiled_call_impl) for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    for module, _ in saved:
+        module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        for module, compiled in saved:
+            module._compiled_call_impl = compiled
+
+
+def maybe_compile(transformer: torch.nn.Module, model_cfg: DictConfig) -> bool:
+    """`model.compile`: regional compilation of the transformer (see `compile_blocks`), on CUDA
+    only (a GPU lever: on the CPU the tiny model would spend longer compiling than running).
+    false | true (torch.compile's default mode) | a torch.compile mode name."""
+    setting = model_cfg.get("compile", False)
+    if setting is False or setting is None or not next(transformer.parameters()).is_cuda:
+        return False
+    compile_blocks(transformer, **({} if setting is True else {"mode": str(setting)}))
+    return True

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from artmaster.config import params_hash, project_root, store_root
+from artmaster.config import ConfigError, params_hash, project_root, store_root
+
+# The pipeline runs offline: MLflow sends no usage telemetry unless MLFLOW_DISABLE_TELEMETRY=false.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -59,20 +62,97 @@ def _plain(value):
     return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
+class TrackingUnavailable(ConfigError):
+    """The MLflow store cannot be used (server unreachable, SQLite file locked or unwritable):
+    raised when a stage opens its run, before it does any work."""
+
+
+def _unavailable(uri: str, reason: str) -> TrackingUnavailable:
+    return TrackingUnavailable(
+        f"MLflow tracking store {uri} cannot be used: {reason}. Nothing was run. Start or unlock the "
+        "store, point tracking.uri= at one that works (e.g. tracking.uri=sqlite:///$PWD/mlflow.db), "
+        "or run without an MLflow record: tracking.enabled=false"
+    )
+
+
+def check_store(uri: str, timeout: float) -> None:
+    """Fail fast (TrackingUnavailable) when the store cannot take a run: an http(s) server must
+    accept a connection within `timeout` s; a SQLite file must take a write lock within `timeout` s
+    (or, when it does not exist yet, its folder must be writable). Other schemes are left to MLflow."""
+    import socket
+    import sqlite3
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme in ("http", "https"):
+        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as error:
+            raise _unavailable(uri, f"no server answers at {host}:{port} within {timeout:g} s ({error})") from None
+    elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
+        path = Path(unquote(uri[len("sqlite:///"):].split("?")[0]))
+        if not path.exists():
+            folder = path.parent if str(path.parent) else Path(".")
+            if not folder.is_dir() or not os.access(folder, os.W_OK):
+                raise _unavailable(uri, f"folder {folder} does not exist or is not writable")
+            return
+        try:
+            connection = sqlite3.connect(str(path), timeout=timeout)
+            try:
+                connection.execute("BEGIN IMMEDIATE")  # a write lock, as MLflow needs; released at once
+                connection.rollback()
+            finally:
+                connection.close()
+        except sqlite3.Error as error:
+            hint = f"locked by another process for over {timeout:g} s" if "locked" in str(error) else "not usable"
+            raise _unavailable(uri, f"SQLite file {path} is {hint} ({error})") from None
+
+
+_LOGGERS = ("log_metric", "log_metrics", "log_param", "log_params", "log_artifact", "log_artifacts",
+            "log_image", "log_table", "log_text", "log_dict", "log_figure", "set_tag", "set_tags")
+
+
+@contextmanager
+def _untracked(mlflow, stage: str) -> Iterator[None]:
+    """`tracking.enabled=false`: the stage's mlflow.log_* / set_tag(s) calls do nothing."""
+    print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
+    saved = {name: getattr(mlflow, name) for name in _LOGGERS if hasattr(mlflow, name)}
+    for name in saved:
+        setattr(mlflow, name, lambda *args, **kwargs: None)
+    try:
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(mlflow, name, function)
+
+
 @contextmanager
 def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...]) -> Iterator[object]:
     """Open an MLflow run for one stage, logging the config sections it reads as params.
 
-    Nested under the active run when there is one (a Hydra sweep's parent run).
+    Nested under the active run when there is one (a Hydra sweep's parent run). The store is
+    checked first: TrackingUnavailable (naming the URI and the fix) before any work when it cannot
+    be used. With `tracking.enabled=false` nothing is recorded and the run is None.
     """
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(cfg))
-    experiment_id = experiment_id_for(mlflow, cfg)
+    if not cfg.tracking.get("enabled", True):
+        with _untracked(mlflow, stage):
+            yield None
+        return
+    uri = tracking_uri(cfg)
+    try:
+        check_store(uri, float(cfg.tracking.get("timeout_s") or 10))
+        mlflow.set_tracking_uri(uri)
+        experiment_id = experiment_id_for(mlflow, cfg)
+        active = mlflow.start_run(run_name=stage, experiment_id=experiment_id, nested=mlflow.active_run() is not None)
+    except TrackingUnavailable:
+        raise
+    except Exception as error:  # MLflow's own errors (server errors, a broken store) at the start
+        raise _unavailable(uri, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
     read = {name: _plain(cfg[name]) for name in sections if name in cfg}
-    with mlflow.start_run(
-        run_name=stage, experiment_id=experiment_id, nested=mlflow.active_run() is not None
-    ) as run:
+    with active as run:
         mlflow.set_tags(
             {
                 "artmaster.stage": stage,

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 CHECKPOINT_PREFIX = "step-"
 # train keys that change neither the math nor the data order: a checkpoint stays resumable
 # when only these differ
-RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation", "log_every", "cpu_threads")
+RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation", "log_every", "cpu_threads", "cudagraphs")
 
 
 # --- where outputs go ---------------------------------------------------------------------------
@@ -92,12 +92,15 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
 
 
 def load_examples(cfg: DictConfig) -> list[Example]:
-    """Every crop that has a caption; a crop that cannot be used is reported and skipped."""
+    """Every training crop (`split: train`; the held-out scans' crops are evaluate's reference and
+    never trained on) that has a caption; a crop that cannot be used is reported and skipped."""
+    from artmaster.crop import TRAIN, split_rows
+
     crop_dir = stage_dir(cfg, "crop").resolve()
     captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
     captions = {str(row["crop_id"]): str(row["caption"]) for row in read_jsonl(captions_file)}
     examples, problems = [], []
-    for row in read_jsonl(crop_dir / "crops.jsonl"):
+    for row in split_rows(read_jsonl(crop_dir / "crops.jsonl"), TRAIN):
         crop_id = str(row.get("crop_id", ""))
         path = (crop_dir / str(row.get("path", ""))).resolve()
         if crop_id not in captions:
@@ -467,6 +470,7 @@ class TrainingState:
     # add the orthogonal term's gradient straight into .grad once per step (adalora.add_orthogonal_gradient_)
     # instead of backpropagating it with the loss: the same gradient without ~1700 autograd nodes
     direct_orthogonal: bool = False
+    cudagraphs: bool = False  # blocks compiled with CUDA graphs (train.cudagraphs): mark each new iteration
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -493,6 +497,11 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
         set_input_casting(adapter, False)  # autocast casts to bf16 anyway: skip peft's fp32 input copies
     optim = settings.optim
     on_cuda = all(param.is_cuda for _, param in named_params)
+    cudagraphs = bool(settings.get("cudagraphs", False)) and on_cuda
+    if cudagraphs:  # regional compile with CUDA graphs: no per-kernel launch cost (docs/performance.md)
+        from artmaster.models import compile_blocks
+
+        compile_blocks(transformer, mode="reduce-overhead")
     fused = on_cuda if optim.fused == "auto" else bool(optim.fused)
     optimizer = torch.optim.AdamW(
         [param for _, param in named_params], lr=float(optim.lr), betas=tuple(optim.betas),
@@ -513,6 +522,7 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
         flow=flow_settings(cfg, transformer, vae_config),
         max_grad_norm=float(max_norm) if max_norm else math.inf, ema=ema,
         direct_orthogonal=_direct_orthogonal(settings.adalora.get("orth_gradient", "autograd"), on_cuda),
+        cudagraphs=cudagraphs,
     )
 
 
@@ -537,6 +547,8 @@ def training_step(state: TrainingState, micro_batches: list[Batch], step: int,
         # gradients are all-reduced on the last micro-batch only
         sync = nullcontext() if index == count - 1 else accelerator.no_sync(state.model)
         with sync:
+            if state.cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()  # the graphs' previous outputs may be reused
             mse = flow_matching_loss(state.model, batch, state.flow, generator)
             if state.direct_orthogonal:
                 accelerator.backward(mse / count)
@@ -767,13 +779,16 @@ def load_checkpoint(path: Path, state: TrainingState, rank: int) -> tuple[int, l
     return int(meta["step"]), list(saved["history"])
 
 
-def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int) -> str:
+def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int, setup: dict | None = None) -> str:
     """Identity of a run's math and data order: checkpoints resume only into the same recipe on
-    the same crops, captions and encoders (the cache file names are their content hashes)."""
+    the same crops, captions and encoders (the cache file names are their content hashes), and,
+    for retrain, the same starting adapter and fused LoRAs (`TrainSetup.identity`)."""
     train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in RESUME_NEUTRAL_KEYS}
     model = OmegaConf.to_container(cfg.model, resolve=True)
-    return params_hash({"train": train, "model": model, "seed": cfg.seed, "world_size": world_size,
-                        "data": sample_files})
+    identity = {"train": train, "model": model, "seed": cfg.seed, "world_size": world_size, "data": sample_files}
+    if setup:
+        identity["setup"] = setup
+    return params_hash(identity)
 
 
 # --- the stage ---------------------------------------------------------------------------------
@@ -781,6 +796,14 @@ def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: i
 
 def run(cfg: DictConfig) -> dict:
     """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA."""
+    accelerator = make_accelerator(cfg)
+    tracking = stage_run(cfg, "train", sections=("train", "model")) if accelerator.is_main_process else nullcontext()
+    with tracking:
+        return train(cfg, accelerator, output_dir(cfg))
+
+
+def make_accelerator(cfg: DictConfig):
+    """accelerate's Accelerator for `cfg.train` (CPU threads, mixed precision, CPU or GPU)."""
     from accelerate import Accelerator
 
     settings = cfg.train
@@ -790,15 +813,41 @@ def run(cfg: DictConfig) -> dict:
     if not use_cpu:
         # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
         torch.backends.cuda.enable_cudnn_sdp(False)
-    accelerator = Accelerator(mixed_precision=str(settings.mixed_precision), cpu=use_cpu)
-    tracking = stage_run(cfg, "train", sections=("train", "model")) if accelerator.is_main_process else nullcontext()
-    with tracking:
-        return train(cfg, accelerator, output_dir(cfg))
+    return Accelerator(mixed_precision=str(settings.mixed_precision), cpu=use_cpu)
 
 
-def train(cfg: DictConfig, accelerator, out: Path) -> dict:
+@dataclass(frozen=True)
+class TrainSetup:
+    """How a run of the loop differs from the train stage's (the defaults): `retrain` uses it to
+    add the accepted ArtAug images, continue an adapter or train on a base with LoRAs fused in."""
+
+    extra: tuple[Example, ...] = ()  # trained on besides the crops, never held out for validation
+    extra_repeats: int = 1  # each extra example appears this many times for every time a crop does
+    train_crops: bool = True  # False: the crops only give the validation set (the held ones are encoded)
+    init_adapter: Path | None = None  # a peft AdaLoRA folder (train's adapter/) to continue from
+    fuse: tuple[Path, ...] = ()  # plain diffusers LoRA folders fused into the base transformer first
+    note: str = ""  # a paragraph for the model card: how this adapter was made
+
+    def identity(self) -> dict:
+        """What the checkpoints' fingerprint must add for this setup ({} for the train stage's)."""
+        if self == TrainSetup():
+            return {}
+        def weights(folder: Path) -> dict[str, str]:  # by content, so a moved workspace still resumes
+            return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+                    for path in sorted(Path(folder).rglob("*.safetensors"))}
+
+        return {"extra_repeats": self.extra_repeats, "train_crops": self.train_crops,
+                "init_adapter": weights(self.init_adapter) if self.init_adapter else None,
+                "fuse": [weights(folder) for folder in self.fuse]}
+
+
+def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = None) -> dict:
+    """The training loop, writing everything into `out`; `setup` (retrain) changes its data,
+    starting adapter and base model, the defaults are the train stage's."""
+    from artmaster.adalora import fuse_lora_, load_adalora_weights_
     from artmaster.models import load_pipeline
 
+    setup = setup or TrainSetup()
     settings = cfg.train
     is_main = accelerator.is_main_process
     device = accelerator.device
@@ -808,25 +857,38 @@ def train(cfg: DictConfig, accelerator, out: Path) -> dict:
 
     # 1. data: crops + captions, encoded once (the main process writes the cache, others read it)
     examples = load_examples(cfg)
+    if not setup.train_crops:  # the crops only validate: encode the held ones
+        held = _held_out_ids([e.sample_id for e in examples], settings.validation, cfg.seed)
+        examples = [e for e in examples if e.sample_id in held]
     pipe = load_pipeline(cfg.model)
+    for folder in setup.fuse:
+        modules = fuse_lora_(pipe.transformer, folder)
+        if is_main:
+            print(f"train: fused the LoRA in {folder} into the base ({modules} modules)")
     with accelerator.main_process_first():
-        encoded = build_cache(pipe, examples, list(settings.samples.prompts), out / "cache", cfg.model,
-                              show_progress=is_main)
+        encoded = build_cache(pipe, examples + list(setup.extra), list(settings.samples.prompts), out / "cache",
+                              cfg.model, show_progress=is_main)
     if is_main:
         prune_cache(out / "cache", encoded.files)
     free_encoders(pipe)
     pipe.set_progress_bar_config(disable=True)
-    examples, prompt_encodings = encoded.examples, encoded.prompts
+    extra_ids = {e.sample_id for e in setup.extra}
+    extra = [e for e in encoded.examples if e.sample_id in extra_ids]
+    examples = [e for e in encoded.examples if e.sample_id not in extra_ids]
+    prompt_encodings = encoded.prompts
     encodings = on_device(encoded.samples, device, pipe.transformer.dtype)
 
-    # 2. plan: hold out validation samples, bucket by size, batches for every epoch
+    # 2. plan: hold out validation samples (crops only), bucket by size, batches for every epoch
     held = _held_out_ids([e.sample_id for e in examples], settings.validation, cfg.seed)
-    train_ids = [e for e in examples if not (settings.validation.hold_out and e.sample_id in held)]
-    if not train_ids:
+    train_ids = [e for e in examples
+                 if setup.train_crops and not (settings.validation.hold_out and e.sample_id in held)]
+    if not train_ids and not extra:
         raise ValueError("train: every crop is held out for validation; lower train.validation.num_samples")
     ids_by_size: dict[tuple[int, int], list[str]] = defaultdict(list)
     for example in train_ids:
         ids_by_size[example.size].append(example.sample_id)
+    for example in extra:
+        ids_by_size[example.size] += [example.sample_id] * int(setup.extra_repeats)
     accumulation = int(settings.gradient_accumulation)
     plan = rank_plan(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
                      batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
@@ -835,7 +897,13 @@ def train(cfg: DictConfig, accelerator, out: Path) -> dict:
 
     # 3. model: AdaLoRA, optimizer, schedule, allocator; resume
     state = build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
-    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes)
+    if setup.init_adapter is not None:
+        ranks = load_adalora_weights_(state.adapter, setup.init_adapter)
+        if state.ema is not None:  # the average starts from the adapter continued
+            state.ema = AdapterEMA(state.named_params, float(settings.ema.decay))
+        if is_main:
+            print(f"train: continuing the adapter in {setup.init_adapter} ({sum(ranks.values())} ranks kept)")
+    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes, setup.identity())
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, str(settings.resume), fingerprint)
     start_step, history = 0, []
@@ -852,6 +920,9 @@ def train(cfg: DictConfig, accelerator, out: Path) -> dict:
     vset = validation_set(encodings, sorted(held), list(settings.validation.sigmas), int(cfg.seed), state.flow, device)
     if is_main:
         _log_plan(cfg, examples, ids_by_size, total_step, len(held), start_step)
+        if setup != TrainSetup():
+            print(f"train: + {len(extra)} extra images x {setup.extra_repeats}; crops trained on: "
+                  f"{setup.train_crops}; LoRAs fused into the base: {len(setup.fuse)}")
 
     # 4. loop over optimizer steps
     watch = NonFiniteWatch(device)
@@ -902,7 +973,10 @@ def train(cfg: DictConfig, accelerator, out: Path) -> dict:
     steps_run = total_step - start_step
     metrics = _final_metrics(history, steps_run, loop_seconds - evaluation_seconds, total_step, len(examples))
     metrics["rank_checksums"] = checksums
-    _export(cfg, state, out, history, metrics)
+    if setup != TrainSetup():
+        metrics["extra_examples"] = len(extra)
+        metrics["crops_trained"] = len(train_ids)
+    _export(cfg, state, out, history, metrics, setup.note)
     if not settings.checkpoint.keep_after_success:
         shutil.rmtree(checkpoints, ignore_errors=True)
     print(f"train: {total_step} steps, final loss {metrics['loss']:.4f}, "
@@ -959,7 +1033,11 @@ def _evaluate(cfg, state: TrainingState, pipe, prompt_encodings, vset: Validatio
 
     started = time.perf_counter()
     ema = state.ema.applied() if state.ema is not None else nullcontext()
-    with ema, state.accelerator.autocast():
+    from artmaster.models import eager_blocks
+
+    # CUDA-graph blocks cannot run inference block after block: evaluate with eager blocks
+    eager = eager_blocks(pipe.transformer) if state.cudagraphs else nullcontext()
+    with ema, eager, state.accelerator.autocast():
         if validate and vset.batches:
             value = float(validation_loss(state.adapter, vset, state.flow))
             mlflow.log_metric("val_loss", value, step=step)
@@ -997,7 +1075,8 @@ def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, to
     return {k: v for k, v in metrics.items() if v is not None}
 
 
-def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict) -> None:
+def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict,
+            note: str = "") -> None:
     """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv."""
     import mlflow
 
@@ -1016,7 +1095,7 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
         files = save_lora(exported, staging, base_model=base_model, trigger=str(cfg.train.trigger),
                           metadata={"recipe": _recipe(cfg), "metrics": metrics},
                           dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
-        card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()})
+        card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()}, note)
         (staging / "README.md").write_text(card, encoding="utf-8")
     write_atomic(out / "ranks.json", json.dumps(ranks, indent=2))
     rank_heatmap(ranks, out / "ranks.png")
@@ -1034,8 +1113,10 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
         mlflow.log_artifact(str(out / name))
 
 
-def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str]) -> str:
-    """README.md of the plain LoRA: what it is, how to load it, the recipe, ranks and metrics."""
+def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str],
+               note: str = "") -> str:
+    """README.md of the plain LoRA: what it is, how to load it, the recipe, ranks and metrics;
+    `note` (retrain) says how it was made beyond the train stage."""
     settings = cfg.train
     trigger = str(settings.trigger)
     by_kind: dict[str, list[int]] = defaultdict(list)
@@ -1058,7 +1139,7 @@ instance_prompt: {trigger}
 A LoRA for **{base_model}** trained by ArtMaster's `train` stage with AdaLoRA (per-module ranks
 chosen during training) and folded exactly into plain LoRA: every module has its own rank and
 `alpha = rank`, so every loader applies scale 1.
-
+{f"{chr(10)}{note}{chr(10)}" if note else ""}
 **Trigger phrase:** `{trigger}` (start prompts with it).
 
 ## Files

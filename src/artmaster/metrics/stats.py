@@ -55,12 +55,15 @@ def _resample_counts(rng: np.random.Generator, size: int, draws: int) -> np.ndar
 
 
 def _within_mean(kernel: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """Mean kernel value over pairs of distinct original samples, per resample (U-statistic)."""
+    """Mean kernel value over pairs of distinct original samples, per resample (U-statistic);
+    NaN for a resample that drew a single sample only (no pair: skipped by the percentiles).
+    Its pair sum is a float difference of large equal terms, not exactly 0, so dividing would
+    give +-inf and wreck the interval; small sets (a few references) draw such resamples."""
     diagonal = np.diag(kernel)
     pair_sum = np.einsum("bi,ij,bj->b", counts, kernel, counts) - (counts**2) @ diagonal
     pair_count = counts.sum(1) ** 2 - (counts**2).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return pair_sum / pair_count
+        return np.where(pair_count > 0, pair_sum / pair_count, np.nan)
 
 
 def kernel_mmd2(

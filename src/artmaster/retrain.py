@@ -1,0 +1,402 @@
+"""Stage `retrain`: the ArtAug learner. Train the adapter again on what an augment round kept.
+
+Round r (`retrain.round`) reads data/augment/round_<r>/ (samples.jsonl: each accepted pair's
+original and refined image, and its prompt, which becomes the caption) and starts from the folder
+`augment.plan` names: data/train in round 0, data/retrain/round_<r-1> after that. Two modes
+(`retrain.mode`), both running train's loop (`artmaster.train.train`) with train's recipe as
+changed by `retrain.recipe`:
+
+- `continue`: continue the round's AdaLoRA adapter (its peft folder `adapter/`, every rank it kept
+  back in place) on the crops plus the accepted refined images, each `retrain.refined_repeats`
+  times as often as a crop. The loop writes straight into round_<r>/.
+- `differential` (ArtAug's differential LoRA): fuse the round's LoRA into the base, fit adapter 1
+  on the ORIGINAL images of the accepted pairs (round_<r>/originals/), fuse it too, fit adapter 2
+  on their REFINED images (round_<r>/refined/) and keep adapter 2 alone: it learns only what the
+  refinement changed. The round's result is the round's LoRA plus adapter 2, concatenated exactly
+  into one plain LoRA (ranks add up), so it loads on the base model like train's.
+- A round whose augment kept no image is skipped with a warning: its result is the round's adapter
+  unchanged (copied), and its metrics say `skipped: 1`. Training on the crops alone would change
+  the adapter without any ArtAug signal and blur the comparison evaluate makes.
+
+Writes data/retrain/round_<r>/: lora/ (the adapter after this round, with its model card; what
+augment round r+1 paints with), adapter/ (continue: the peft folder round r+1 continues), the loop
+outputs (loss.csv, ranks, samples, cache, checkpoints; differential: in originals/ and refined/)
+and metrics.json (the round's summary; also its "done" record, keyed by a fingerprint of every
+input, so a finished round is not redone). After the last round (`retrain.publish`), publishes the
+contract that evaluate reads: data/retrain/lora (same layout as data/train/lora), metrics.json
+(final round + a per-round summary) and loss.csv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+
+from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
+from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
+from artmaster.tracking import stage_run
+from artmaster.train import (RESUME_NEUTRAL_KEYS, Example, TrainSetup, make_accelerator, model_card, scaled_size,
+                             train)
+
+log = logging.getLogger(__name__)
+
+MODES = ("continue", "differential")
+PUBLISH = ("auto", "false", "only")
+# what each mode keeps in a round folder when the round is (re)done: the loop's resumable state
+KEEP = {"continue": {"cache", "checkpoints", "samples"}, "differential": {"originals", "refined"}}
+
+
+# --- config ---------------------------------------------------------------------------------------
+
+
+def recipe_config(cfg: DictConfig) -> DictConfig:
+    """The config the loop runs with: `train` replaced key by key by `retrain.recipe` (an unknown
+    key is an error, not silently ignored)."""
+    recipe = OmegaConf.to_container(cfg.retrain.recipe, resolve=True)
+    return OmegaConf.merge(cfg, {"train": recipe})
+
+
+def round_dir(cfg: DictConfig, r: int) -> Path:
+    return stage_dir(cfg, "retrain") / f"round_{r}"
+
+
+def previous_dir(cfg: DictConfig, r: int) -> Path:
+    """The folder round r starts from: data/train, or data/retrain/round_<r-1> (`augment.plan`)."""
+    return Path(str(round_entry(cfg, r)["previous"]))
+
+
+def _check(cfg: DictConfig) -> None:
+    settings = cfg.retrain
+    if settings.mode not in MODES:
+        raise ValueError(f"retrain.mode={settings.mode!r}: expected one of {', '.join(MODES)}")
+    if str(settings.publish).lower() not in PUBLISH:
+        raise ValueError(f"retrain.publish={settings.publish!r}: expected one of {', '.join(PUBLISH)}")
+    if int(settings.refined_repeats) < 1:
+        raise ValueError(f"retrain.refined_repeats={settings.refined_repeats} must be at least 1")
+    if not 0 <= int(settings.round) < int(cfg.augment.rounds):
+        raise ValueError(f"retrain.round={settings.round} must be in [0, augment.rounds={cfg.augment.rounds})")
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+
+
+def accepted_pairs(augment_dir: Path, r: int) -> list[dict]:
+    """The samples augment round r kept (refined image closer to the painter), in sample order."""
+    samples = augment_dir / "samples.jsonl"
+    if not samples.is_file():
+        raise FileNotFoundError(f"{samples}: augment round {r} has not run (run `artmaster augment augment.round={r}`)")
+    pairs = [row for row in read_jsonl(samples) if row.get("accepted")]
+    for row in pairs:
+        for name in ("original", "accepted"):  # inside: no path out of the round's folder
+            path = inside(augment_dir, str(row["files"].get(name, "")), where=f"{samples}: sample {row['sample_id']}")
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: augment round {r} sample {row['sample_id']} lacks its {name} image")
+    return sorted(pairs, key=lambda row: row["sample_id"])
+
+
+def pair_examples(pairs: list[dict], augment_dir: Path, r: int, kind: str) -> tuple[Example, ...]:
+    """Training examples of the pairs' `kind` image ("original" | "refined"), captioned with the
+    prompt they were generated from, at the size they were generated at."""
+    file_key = {"original": "original", "refined": "accepted"}[kind]
+    examples = []
+    for row in pairs:
+        path = (augment_dir / row["files"][file_key]).resolve()
+        with Image.open(path) as image:
+            size = scaled_size(*image.size, 1.0)  # must stay multiples of 16
+        examples.append(Example(f"augment-r{r}-{row['sample_id']}-{kind}", path, str(row["prompt"]), size))
+    return tuple(examples)
+
+
+def _digest(paths: list[Path], root: Path | None = None) -> str:
+    """Content hash of files, each named relative to `root` (default: its file name)."""
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        name = str(path.relative_to(root)) if root else path.name
+        digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """The weights and configs of an adapter folder (not its model card, which holds timings)."""
+    if not folder.is_dir():
+        return []
+    return [path for path in folder.rglob("*") if path.is_file() and path.suffix in (".safetensors", ".json")]
+
+
+def start_folder(cfg: DictConfig, r: int) -> Path:
+    """What the round starts from: the peft AdaLoRA folder (continue) or the plain LoRA (differential)."""
+    return previous_dir(cfg, r) / ("adapter" if cfg.retrain.mode == "continue" else "lora")
+
+
+def round_fingerprint(cfg: DictConfig, r: int, pairs: list[dict]) -> str:
+    """Everything a finished round depends on: mode, recipe, model, seed, the adapter it starts
+    from, the accepted images and their prompts, the crops and captions."""
+    recipe = OmegaConf.to_container(recipe_config(cfg).train, resolve=True)
+    augment_dir = stage_dir(cfg, "augment") / f"round_{r}"
+    images = [augment_dir / row["files"][key] for row in pairs for key in ("original", "accepted")]
+    return params_hash({
+        "mode": str(cfg.retrain.mode),
+        "refined_repeats": int(cfg.retrain.refined_repeats),
+        "train": {k: v for k, v in recipe.items() if k not in RESUME_NEUTRAL_KEYS},
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
+        "seed": cfg.seed,
+        "start": _digest(_folder_files(start_folder(cfg, r)), start_folder(cfg, r)),
+        "pairs": [(row["sample_id"], row["prompt"]) for row in pairs],
+        "images": _digest(images),
+        "data": _digest([stage_dir(cfg, "crop") / "crops.jsonl", stage_dir(cfg, "caption") / "captions.jsonl"]),
+    })
+
+
+def _finished(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+    return summary if summary.get("fingerprint") == fingerprint else None
+
+
+def linear_out_features(model_cfg: DictConfig) -> dict[str, int]:
+    """out_features of every Linear of the transformer (kohya export of fused layers needs them),
+    from its config alone: the model is built on the meta device, no weights are read."""
+    from diffusers import FluxTransformer2DModel
+
+    from artmaster.models import pipeline_source
+
+    if model_cfg.profile == "flux_dev_random":
+        config = OmegaConf.to_container(model_cfg.architecture.transformer, resolve=True)
+    else:
+        config = FluxTransformer2DModel.load_config(pipeline_source(model_cfg), subfolder="transformer",
+                                                    revision=model_cfg.revision,
+                                                    local_files_only=bool(model_cfg.local_files_only))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel.from_config(config)
+    return {name: module.out_features for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+
+
+# --- one round ------------------------------------------------------------------------------------
+
+
+def _prepare(out: Path, keep: set[str]) -> None:
+    """Clear a round folder that is about to be (re)done, keeping only `keep` (the loop state the
+    mode resumes from); the summary goes first, so a killed round never reads as finished."""
+    (out / "metrics.json").unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in out.iterdir():
+        if path.name not in keep:
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+
+def _copy_folder(source: Path, target: Path) -> None:
+    with staged_dir(target) as staging:
+        shutil.copytree(source, staging, dirs_exist_ok=True)
+
+
+def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
+    """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
+    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"))
+                if accelerator.is_main_process else nullcontext())
+    with tracking:
+        if accelerator.is_main_process:
+            import mlflow
+
+            mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(cfg.retrain.mode),
+                             "artmaster.retrain_phase": phase})
+            mlflow.log_params({"retrain.phase": phase, "round": r})
+        return train(cfg, accelerator, out, setup)
+
+
+def _note(cfg: DictConfig, r: int, start: Path, pairs: int, crops: bool) -> str:
+    what = f"{pairs} accepted refined image(s) of ArtAug round {r}" + (" plus the crops" if crops else "")
+    if cfg.retrain.mode == "continue":
+        return (f"**Retrained** by ArtMaster's `retrain` stage (round {r}, mode `continue`): the AdaLoRA adapter "
+                f"in `{start}` trained further on {what}.")
+    return (f"**Retrained** by ArtMaster's `retrain` stage (round {r}, mode `differential`, ArtAug's differential "
+            f"LoRA): the LoRA in `{start}` plus a second adapter fitted on {what}, on top of that LoRA and a first "
+            "adapter fitted on the pairs' original images (both fused into the base); the first adapter is "
+            "dropped, so the added ranks hold only what the refinement changed. Both parts are concatenated "
+            "exactly into this one LoRA.")
+
+
+def retrain_round(cfg: DictConfig, accelerator, r: int) -> dict:
+    """Round r: skip when done with the same inputs, else (re)do it; returns its summary."""
+    settings = cfg.retrain
+    mode = str(settings.mode)
+    is_main = accelerator.is_main_process
+    augment_dir = stage_dir(cfg, "augment") / f"round_{r}"
+    out = round_dir(cfg, r)
+    start = start_folder(cfg, r)
+    if not start.is_dir():
+        hint = "`artmaster train`" if r == 0 else f"`artmaster retrain retrain.round={r - 1}`"
+        raise FileNotFoundError(f"{start}: retrain round {r} ({mode}) starts from this folder; run {hint} first")
+    pairs = accepted_pairs(augment_dir, r)
+    fingerprint = round_fingerprint(cfg, r, pairs)
+    done = _finished(out / "metrics.json", fingerprint)
+    if done is not None and (out / "lora").is_dir():
+        log.info("retrain round %d: already done with the same inputs; kept %s", r, out)
+        return done
+    accelerator.wait_for_everyone()
+    if is_main:
+        _prepare(out, KEEP[mode] if pairs else set())
+    accelerator.wait_for_everyone()
+    recipe = recipe_config(cfg)
+    repeats = int(settings.refined_repeats)
+    summary = {"round": r, "mode": mode, "accepted_used": len(pairs), "refined_repeats": repeats,
+               "start": str(start), "skipped": 0}
+    previous = previous_dir(cfg, r)
+    if not pairs:
+        log.warning("retrain round %d: augment kept no refined image in %s; the round is skipped and its adapter "
+                    "is %s unchanged", r, augment_dir, previous)
+        if is_main:
+            _copy_folder(previous / "lora", out / "lora")
+            if mode == "continue":
+                _copy_folder(previous / "adapter", out / "adapter")
+        summary.update(skipped=1, kept_run=None)
+    elif mode == "continue":
+        setup = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "refined"), extra_repeats=repeats,
+                           init_adapter=start, note=_note(cfg, r, start, len(pairs), crops=True))
+        metrics = _phase(recipe, accelerator, out, setup, r, "continue")
+        summary.update(_loop_summary(metrics), kept_run=".")
+    else:
+        originals = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "original"), extra_repeats=repeats,
+                               train_crops=False, fuse=(start,),
+                               note=f"Differential round {r}, adapter 1: fitted on the original images (dropped).")
+        first = _phase(recipe, accelerator, out / "originals", originals, r, "originals")
+        refined = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "refined"), extra_repeats=repeats,
+                             train_crops=False, fuse=(start, out / "originals" / "lora"),
+                             note=f"Differential round {r}, adapter 2 (kept): fitted on the refined images on top "
+                                  f"of `{start}` and adapter 1, both fused into the base; use it together with "
+                                  f"`{start}` (`{out / 'lora'}` holds both).")
+        metrics = _phase(recipe, accelerator, out / "refined", refined, r, "refined")
+        summary.update(_loop_summary(metrics), kept_run="refined", originals_loss=first.get("loss"))
+        if is_main:
+            _write_sum(recipe, start, out / "refined" / "lora", out / "lora", summary,
+                       _note(cfg, r, start, len(pairs), crops=False))
+    if not is_main:
+        return summary
+    summary["fingerprint"] = fingerprint
+    write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _loop_summary(metrics: dict) -> dict:
+    keys = ("loss", "mse", "val_loss", "val_loss_first", "active_rank", "steps", "examples", "extra_examples",
+            "crops_trained", "rank_total", "steps_per_second")
+    return {key: metrics[key] for key in keys if key in metrics}
+
+
+def _write_sum(cfg: DictConfig, first: Path, second: Path, target: Path, summary: dict, note: str) -> None:
+    """target = the plain LoRA `first` + `second` (concatenated, exact), with its model card."""
+    from artmaster.adalora import concat_loras, read_lora, save_lora
+    from artmaster.train import _base_model_name, _recipe
+
+    out_features = linear_out_features(cfg.model)
+    total = concat_loras([read_lora(first), read_lora(second)], out_features)
+    ranks = dict(total.ranks)
+    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    metrics.update(rank_total=sum(ranks.values()), rank_modules=len(ranks))
+    base_model = _base_model_name(cfg.model)
+    with staged_dir(target) as staging:
+        files = save_lora(total, staging, base_model=base_model, trigger=str(cfg.train.trigger),
+                          metadata={"recipe": _recipe(cfg), "metrics": metrics,
+                                    "parts": [str(first), str(second)]},
+                          dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
+        card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()}, note)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+    summary["rank_total"] = sum(ranks.values())
+
+
+# --- publishing the final round -------------------------------------------------------------------
+
+
+def publish(cfg: DictConfig) -> dict:
+    """data/retrain/lora, metrics.json and loss.csv from the last round, once every round is done
+    with its current inputs."""
+    rounds = int(cfg.augment.rounds)
+    per_round = {}
+    for r in range(rounds):
+        path = round_dir(cfg, r) / "metrics.json"
+        stale_graph = ("; under DVC, params.yaml was stale when dvc read dvc.yaml (augment.rounds changed): "
+                       "run `dvc repro` again")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: retrain round {r} of {rounds} has no result (run `artmaster retrain "
+                                    f"retrain.round={r}`{stale_graph})")
+        summary = json.loads(path.read_text(encoding="utf-8"))
+        pairs = accepted_pairs(stage_dir(cfg, "augment") / f"round_{r}", r)
+        if summary.get("fingerprint") != round_fingerprint(cfg, r, pairs):
+            raise ValueError(f"{path}: retrain round {r} was made from other inputs than the current ones (config, "
+                             f"adapter or augment round {r}); re-run `artmaster retrain retrain.round={r}`")
+        per_round[f"round_{r}"] = summary
+    final = round_dir(cfg, rounds - 1)
+    target = stage_dir(cfg, "retrain")
+    _copy_folder(final / "lora", target / "lora")
+    last = per_round[f"round_{rounds - 1}"]
+    metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
+    metrics.update(rounds=rounds, mode=str(cfg.retrain.mode),
+                   accepted_used_total=sum(s["accepted_used"] for s in per_round.values()),
+                   per_round={name: {k: s[k] for k in ("accepted_used", "skipped", "loss", "val_loss", "rank_total")
+                                     if k in s}
+                              for name, s in per_round.items()})
+    kept = last.get("kept_run")
+    loss = final / kept / "loss.csv" if kept else None
+    write_atomic(target / "loss.csv", loss.read_text(encoding="utf-8") if loss and loss.is_file() else "step,loss\n")
+    write_atomic(target / "metrics.json", json.dumps(metrics, indent=2))
+    print(f"retrain: published round {rounds - 1} of {rounds} ({cfg.retrain.mode}) as {target / 'lora'}; "
+          f"accepted images used: {metrics['accepted_used_total']}"
+          + (f", final loss {metrics['loss']:.4f}" if "loss" in metrics else " (round skipped)"))
+    return metrics
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Retrain ArtAug round `retrain.round` (`retrain.mode`), then publish data/retrain/lora when it
+    is the last round (`retrain.publish=auto`); `retrain.publish=only` publishes without training."""
+    _check(cfg)
+    settings = cfg.retrain
+    r = int(settings.round)
+    rounds = int(cfg.augment.rounds)
+    publish_mode = str(settings.publish).lower()
+    if publish_mode == "only":
+        with stage_run(cfg, "retrain", sections=("retrain", "augment")):
+            import mlflow
+
+            metrics = publish(cfg)
+            mlflow.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
+                             "artmaster.round": str(rounds - 1)})
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            mlflow.log_artifacts(str(stage_dir(cfg, "retrain") / "lora"), artifact_path="lora")
+        return metrics
+    accelerator = make_accelerator(recipe_config(cfg))
+    is_main = accelerator.is_main_process
+    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"))
+                if is_main else nullcontext())
+    with tracking:
+        summary = retrain_round(cfg, accelerator, r)
+        if is_main:
+            import mlflow
+
+            mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
+                             "artmaster.retrain_phase": "round"})
+            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+            mlflow.log_artifacts(str(round_dir(cfg, r) / "lora"), artifact_path="lora")
+            mlflow.log_artifact(str(round_dir(cfg, r) / "metrics.json"))
+            if publish_mode == "auto" and r == rounds - 1:
+                summary = {**summary, "published": publish(cfg)}
+    return summary
+
+
+main = hydra_entry(run)
+
+if __name__ == "__main__":
+    main()

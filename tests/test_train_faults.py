@@ -1,0 +1,203 @@
+"""Issue 7, faults while training and augmenting, with real SIGKILLs: the `train` stage killed
+during the encoding cache build, mid-training between checkpoints and right after a checkpoint
+write resumes each time to the bitwise same adapter as an uninterrupted run (CPU); a full disk
+while writing a checkpoint is a clear error that keeps the previous checkpoint; `augment` killed
+mid-sample redoes only the unfinished samples. (NaN loss: test_train.py.)
+
+The kills are real: the stage runs in a subprocess that sends itself SIGKILL at the chosen point
+(no exception handler, `finally` or atexit runs), then the test re-runs the stage."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_augment import FAST as AUGMENT_FAST
+from test_augment import upstream  # noqa: F401 - a fixture
+from test_train import FAST, assets, make_run_cfg, reference  # noqa: F401 - fixtures
+
+from artmaster import augment, train
+from artmaster.config import project_root
+
+KILL_TRAIN = r"""
+import os, signal, sys
+from artmaster import train
+from artmaster.config import compose
+
+point, overrides = sys.argv[1], sys.argv[2:]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def step_of(args, kwargs):
+    return kwargs.get("step", args[2] if len(args) > 2 else None)
+
+if point == "cache":  # the third cache entry is torn half-way through its write
+    real_save, writes = train.save_file, []
+    def save_file(tensors, filename, *args, **kwargs):
+        if str(filename).endswith(".tmp"):
+            writes.append(filename)
+            if len(writes) == 3:
+                real_save(tensors, filename, *args, **kwargs)
+                os.truncate(filename, os.path.getsize(filename) // 2)
+                die()
+        return real_save(tensors, filename, *args, **kwargs)
+    train.save_file = save_file
+elif point == "training":  # between the checkpoints of steps 4 and 8
+    real_step = train.training_step
+    def training_step(*args, **kwargs):
+        if step_of(args, kwargs) == 7:
+            die()
+        return real_step(*args, **kwargs)
+    train.training_step = training_step
+elif point == "checkpoint":  # right after step-000008 is written
+    real_checkpoint = train.save_checkpoint
+    def save_checkpoint(*args, **kwargs):
+        path = real_checkpoint(*args, **kwargs)
+        if step_of(args, kwargs) == 8:
+            die()
+        return path
+    train.save_checkpoint = save_checkpoint
+train.run(compose(overrides))
+"""
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _overrides(cfg) -> list[str]:
+    return [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
+            f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}", *FAST]
+
+
+def _sigkilled(script: str, *argv: str) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=project_root(), env=_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == -signal.SIGKILL, f"not killed (rc {done.returncode}):\n{done.stderr[-3000:]}"
+    return done
+
+
+def _same_adapter(out: Path, out_ref: Path) -> None:
+    for relative in ("checkpoints/step-000012/adapter.safetensors", "lora/pytorch_lora_weights.safetensors"):
+        tensors, expected = load_file(out / relative), load_file(out_ref / relative)
+        assert tensors.keys() == expected.keys(), relative
+        assert all(torch.equal(tensors[k], expected[k]) for k in tensors), f"{relative} differs"
+    assert (out / "loss.csv").read_text() == (out_ref / "loss.csv").read_text()
+
+
+def _count_calls(monkeypatch, name: str) -> list:
+    """Record the `step` (or just the call) of every call to train.<name>."""
+    calls, real = [], getattr(train, name)
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("step", args[2] if len(args) > 2 else None))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train, name, counted)
+    return calls
+
+
+@pytest.mark.slow  # a subprocess per kill (~30 s each on 2 shared cores); test_train.py has an in-process kill
+@pytest.mark.parametrize(
+    ("point", "checkpoints_left", "steps_rerun"),
+    [
+        ("cache", [], list(range(1, 13))),
+        ("training", ["step-000004"], list(range(5, 13))),
+        ("checkpoint", ["step-000004", "step-000008"], list(range(9, 13))),
+    ],
+)
+def test_train_killed_with_sigkill_resumes_to_the_bitwise_same_adapter(
+    reference, assets, tmp_path, monkeypatch, point, checkpoints_left, steps_rerun  # noqa: F811
+):
+    _, metrics_ref, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path)
+    _sigkilled(KILL_TRAIN, point, *_overrides(cfg))
+    out = tmp_path / "data" / "train"
+    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == checkpoints_left
+    assert not (out / "metrics.json").exists() and not (out / "lora").exists()
+    cached = sorted(p.name for p in (out / "cache").iterdir())
+    if point == "cache":  # two entries written, the third torn before its rename
+        assert len([n for n in cached if n.endswith(".safetensors")]) == 2
+        assert len([n for n in cached if n.endswith(".tmp")]) == 1
+
+    steps = _count_calls(monkeypatch, "training_step")
+    encodes = _count_calls(monkeypatch, "encode_image")
+    metrics = train.run(cfg)  # train.resume=auto, what `dvc repro train` runs again
+    assert steps == steps_rerun
+    assert len(encodes) == (6 - 2 if point == "cache" else 0)  # finished cache entries are reused
+    _same_adapter(out, out_ref)
+    assert metrics["loss"] == metrics_ref["loss"]
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(
+    reference, assets, tmp_path, monkeypatch  # noqa: F811
+):
+    _, _, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path)
+    real_save = train.save_file
+
+    def disk_full(tensors, filename, *args, **kwargs):
+        if "step-000008" in str(filename):  # half the file reaches the disk, then ENOSPC
+            real_save(tensors, filename, *args, **kwargs)
+            os.truncate(filename, os.path.getsize(filename) // 2)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return real_save(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(train, "save_file", disk_full)
+    with pytest.raises(OSError, match=r"could not write checkpoint .*step-000008 .*No space left on device.*"
+                                      r"previous checkpoints in .* are intact"):
+        train.run(cfg)
+    checkpoints = tmp_path / "data" / "train" / "checkpoints"
+    assert [p.name for p in train.list_checkpoints(checkpoints)] == ["step-000004"]
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]  # no half-written folder
+    previous = load_file(checkpoints / "step-000004" / "adapter.safetensors")
+    assert previous and all(torch.isfinite(t).all() for t in previous.values())
+
+    monkeypatch.undo()  # space freed: the re-run resumes from step 4 and ends where the reference did
+    train.run(cfg)
+    _same_adapter(tmp_path / "data" / "train", out_ref)
+
+
+KILL_AUGMENT = r"""
+import os, signal, sys
+from artmaster import augment
+from artmaster.config import compose
+
+real = augment.write_atomic
+def write_atomic(path, data):
+    if str(path).endswith("0001.json"):  # sample 0001's images are written, its record (written last) not
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(path, data)
+augment.write_atomic = write_atomic
+augment.run(compose(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+def test_augment_killed_with_sigkill_redoes_only_the_unfinished_samples(upstream, make_cfg, tmp_path, monkeypatch):  # noqa: F811
+    shutil.copytree(upstream, tmp_path / "data")
+    cfg = make_cfg(*AUGMENT_FAST)
+    out = Path(cfg.paths.data_dir) / "augment" / "round_0"
+    _sigkilled(KILL_AUGMENT, f"paths.data_dir={cfg.paths.data_dir}", f"tracking.uri={cfg.tracking.uri}",
+               f"tracking.artifact_dir={cfg.tracking.artifact_dir}", *AUGMENT_FAST)
+    assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.json"]
+    assert (out / "pairs" / "0001-original.png").is_file() and not (out / "samples.jsonl").exists()
+    kept = (out / "samples" / "0000.json").stat().st_mtime_ns
+
+    done, real = [], augment.process_sample
+    monkeypatch.setattr(augment, "process_sample", lambda sample, *a: done.append(sample.sample_id) or real(sample, *a))
+    metrics = augment.run(cfg)
+    assert done == ["0001", "0002"]  # 0000 was finished: not redone
+    assert (out / "samples" / "0000.json").stat().st_mtime_ns == kept
+    records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [r["sample_id"] for r in records] == ["0000", "0001", "0002"] and metrics["samples"] == 3
