@@ -30,6 +30,7 @@ MODELS = (
 )
 FAST = (
     MODELS,
+    "evaluate.pairs=[[adapter,base_again]]",
     "evaluate.prompts=[a misty gorge,a cat sitting on a chair]",
     "evaluate.seeds=[0,1,2]",
     "evaluate.generation.image_scale=0.125",  # 512 px bucket -> 64 px
@@ -162,6 +163,11 @@ def test_metric_keys_and_ranges(evaluated):
     assert 0 < comparison["p_value"] <= 1 and comparison["pairs"] == 6
     assert comparison["ci_low"] <= comparison["mean_difference"] <= comparison["ci_high"]
     assert metrics["adherence_backend"].startswith("clip")
+    # evaluate.pairs: adapter against a copy of the base = the same test as adapter against the base
+    extra = metrics["comparisons"]["adapter_vs_base_again"]
+    assert extra["mean_difference"] == comparison["mean_difference"] and extra["pairs"] == 6
+    summary = (out / "summary.md").read_text()
+    assert "adapter vs base_again: style_score difference" in summary
 
 
 def test_same_model_twice_is_a_null_paired_difference(evaluated):
@@ -211,7 +217,8 @@ def test_reference_is_the_heldout_split_only(make_cfg, monkeypatch, upstream, tm
         return real_fit(features, metrics)
 
     monkeypatch.setattr(evaluate.StyleModel, "fit", staticmethod(spy))
-    result = evaluate.run(make_cfg(*FAST, "evaluate.models=[{name: base, adapter: null, prefix: '', suffix: ''}]"))
+    result = evaluate.run(make_cfg(*FAST, "evaluate.models=[{name: base, adapter: null, prefix: '', suffix: ''}]",
+                                   "evaluate.pairs=[]"))
     assert fitted[0] == [f"held-512x512-{i:02d}" for i in range(3)]
     assert all(not name.startswith("held") for name in fitted[1]) and len(fitted[1]) == 4
     assert result["adherence_backend"].startswith("not available")
@@ -230,6 +237,8 @@ def test_clear_errors_for_missing_heldout_crops_adapter_and_bad_names(make_cfg, 
         evaluate.run(make_cfg(*FAST, "evaluate.models=[{name: base, adapter: null},{name: base, adapter: null}]"))
     with pytest.raises(ValueError, match="compare_to"):
         evaluate.run(make_cfg(*FAST, "evaluate.compare_to=nothing"))
+    with pytest.raises(ValueError, match=r"evaluate\.pairs: \['adapter', 'nothing'\] must name two"):
+        evaluate.run(make_cfg(*FAST, "evaluate.pairs=[[adapter,nothing]]"))
     crops.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"0 held-out crop.*data\.holdout\.scans"):
         evaluate.run(make_cfg(*FAST))

@@ -22,14 +22,11 @@ import hashlib
 import json
 import logging
 import textwrap
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -38,7 +35,7 @@ from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
 from artmaster.crop import TRAIN, split_rows
 from artmaster.files import read_jsonl, write_atomic
-from artmaster.generate import generate_images, image_grid, save_image_atomic
+from artmaster.generate import generate_images, image_grid, save_image_atomic, torch_threads
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.train import scaled_size
 from artmaster.tracking import log_picture, stage_run
@@ -292,18 +289,6 @@ def summarise(records: list[dict], settings: DictConfig) -> dict:
         "mean_style_gain": float(np.mean([r["style_gain"] for r in refined])) if refined else None,
         "mean_style_gain_accepted": float(np.mean([r["style_gain"] for r in accepted])) if accepted else None,
     }
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` torch CPU threads (None: leave torch's setting), restored afterwards."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def round_adapter(cfg: DictConfig) -> Path:

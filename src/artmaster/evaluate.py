@@ -40,8 +40,6 @@ import logging
 import re
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,7 +52,7 @@ from scipy.spatial.distance import pdist
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
-from artmaster.generate import generate_images
+from artmaster.generate import generate_images, torch_threads
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
 from artmaster.tracking import log_picture, stage_run
 from artmaster.train import scaled_size
@@ -92,7 +90,7 @@ class Generated:
 
 
 def model_specs(settings: DictConfig) -> list[ModelSpec]:
-    """`evaluate.models`, checked: unique file-safe names, `compare_to` among them."""
+    """`evaluate.models`, checked: unique file-safe names, `compare_to` and `pairs` among them."""
     specs = []
     for entry in settings.models:
         name = str(entry.name)
@@ -112,6 +110,9 @@ def model_specs(settings: DictConfig) -> list[ModelSpec]:
                 f"evaluate.models[{spec.name}].adapter {spec.adapter}: no LoRA folder with *.safetensors "
                 "(run the stage that writes it: train for data/train/lora, retrain for data/retrain/lora)"
             )
+    for pair in settings.pairs:
+        if len(pair) != 2 or not {str(name) for name in pair} <= set(names):
+            raise ValueError(f"evaluate.pairs: {list(pair)} must name two of evaluate.models {names}")
     return specs
 
 
@@ -128,17 +129,6 @@ def sample_plan(settings: DictConfig) -> list[tuple[int, str, int]]:
 def generation_size(settings: DictConfig) -> tuple[int, int]:
     gen = settings.generation
     return scaled_size(int(gen.width), int(gen.height), float(gen.image_scale))
-
-
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 # --- references: the held-out and the training crops, at the training scale -------------------
@@ -413,7 +403,21 @@ def markdown_table(metrics: dict) -> str:
     rows = summary_rows(metrics)
     lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
     lines += ["| " + " | ".join(row[key] for key in SUMMARY_COLUMNS) + " |" for row in rows]
+    lines += [f"\n{line}" for line in comparison_lines(metrics)]
     return "\n".join(lines) + "\n"
+
+
+def comparison_lines(metrics: dict) -> list[str]:
+    """One sentence per `evaluate.pairs` entry, e.g. whether the augmented adapter beats round 0's."""
+    lines = []
+    for name, c in metrics.get("comparisons", {}).items():
+        model, against = name.split("_vs_")
+        closer = "closer to" if c["mean_difference"] > 0 else "no closer to"
+        significance = "significant" if c["significant"] else "not significant"
+        lines.append(f"{model} vs {against}: style_score difference {c['mean_difference']:+.3f} "
+                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p = {c['p_value']:.4f} over {c['pairs']} pairs: "
+                     f"{model} scores {closer} the painter than {against} ({significance}).")
+    return lines
 
 
 def render_report(metrics: dict, per_prompt: list[dict], results: list[Generated], plan: list[tuple[int, str, int]],
@@ -449,6 +453,7 @@ def render_report(metrics: dict, per_prompt: list[dict], results: list[Generated
             cells.append(f"<td{css}>{esc(row[key])}</td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append("</table>")
+    parts.extend(f"<p>{esc(line)}</p>" for line in comparison_lines(metrics))
     parts.append(
         "<p class='small'>style_score: higher = closer to the painter (about -1 for a typical reference work "
         "against the others). KID: unbiased MMD^2 against the held-out crops (0 = same distribution). "
@@ -616,6 +621,11 @@ def run(cfg: DictConfig) -> dict:
                 if result.adherence is not None and baseline.adherence is not None:
                     entry["adherence_vs_baseline"] = paired(result.adherence, baseline.adherence, style_model, alpha)
             models[result.spec.name] = entry
+        by_name = {result.spec.name: result for result in results}
+        comparisons = {
+            f"{model}_vs_{against}": paired(by_name[model].scores, by_name[against].scores, style_model, alpha)
+            for model, against in ((str(a), str(b)) for a, b in settings.pairs)
+        }
         width, height = generation_size(settings)
         train_scores = style_model.score(train_features)
         metrics = {
@@ -638,6 +648,7 @@ def run(cfg: DictConfig) -> dict:
             "adherence_backend": adherence_backend,
             "memorisation_threshold": near,
             "models": models,
+            "comparisons": comparisons,
         }
 
         # --- files ---------------------------------------------------------------------------
@@ -686,6 +697,9 @@ def run(cfg: DictConfig) -> dict:
             if "vs_baseline" in entry:
                 logged[f"{name}.vs_baseline"] = entry["vs_baseline"]["mean_difference"]
                 logged[f"{name}.p_value"] = entry["vs_baseline"]["p_value"]
+        for name, comparison in comparisons.items():
+            logged[f"{name}.difference"] = comparison["mean_difference"]
+            logged[f"{name}.p_value"] = comparison["p_value"]
         logged["seconds_total"] = metrics["seconds"]["total"]
         mlflow.log_metrics({k.replace("+", "_"): float(v) for k, v in logged.items()})
         mlflow.set_tag("evaluate.adherence", adherence_backend)

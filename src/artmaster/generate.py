@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -24,6 +25,18 @@ from artmaster.config import compose
 
 # prompt -> (T5 sequence embeddings (1, L, D), CLIP pooled embedding (1, P)), at one sequence length
 EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run with `count` torch CPU threads (None: leave torch's setting), restored afterwards."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(int(count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
