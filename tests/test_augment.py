@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import accelerate_launch
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -149,6 +150,36 @@ def test_a_rerun_after_a_kill_redoes_only_the_unfinished_samples(cfg_for, monkey
     assert done == ["0000", "0001"]
     assert sorted(p.name for p in (out / "samples").iterdir()) == ["0000.json", "0001.json"]
     assert not list((out / "pairs").glob("0002-*")) and not (out / "comparisons" / "0002.png").exists()
+
+
+def _files(folder: Path) -> dict[Path, bytes]:
+    return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_samples_and_write_what_one_process_writes(cfg_for):
+    import mlflow
+
+    cfg = cfg_for("augment.filter.margin=-1000", "augment.filter.near_copy_distance=0")
+    augment.run(cfg)
+    alone = _files(_out(cfg))
+    shutil.rmtree(_out(cfg))
+
+    done = accelerate_launch("artmaster.augment", [
+        f"paths.data_dir={cfg.paths.data_dir}", f"tracking.uri={cfg.tracking.uri}",
+        f"tracking.artifact_dir={cfg.tracking.artifact_dir}", *FAST,
+        "augment.filter.margin=-1000", "augment.filter.near_copy_distance=0",
+    ])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "augment: process 0 of 2 paints samples 0 to 1 of 3" in done.stdout
+    assert "augment: process 1 of 2 paints samples 2 to 2 of 3" in done.stdout
+    split = _files(_out(cfg))
+    assert sorted(split) == sorted(alone)
+    assert [str(path) for path in alone if split[path] != alone[path]] == []  # bitwise the same
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id
+    runs = client.search_runs([experiment], "tags.`artmaster.stage` = 'augment'")
+    assert len(runs) == 2  # one per launch: only the main process logs
 
 
 def test_missing_adapter_and_bad_round_are_clear_errors(cfg_for, tmp_path):

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from launch import accelerate_launch
+from PIL import Image
 
 from artmaster import evaluate
 from artmaster.config import compose
@@ -242,3 +244,33 @@ def test_clear_errors_for_missing_heldout_crops_adapter_and_bad_names(make_cfg, 
     crops.write_text("".join(json.dumps({**r, "split": "train"}) + "\n" for r in rows))
     with pytest.raises(ValueError, match=r"0 held-out crop.*data\.holdout\.scans"):
         evaluate.run(make_cfg(*FAST))
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_plan_and_measure_what_one_process_measures(evaluated, upstream, tmp_path):
+    cfg, alone, out = evaluated
+    shutil.copytree(upstream, tmp_path / "data")
+    done = accelerate_launch("artmaster.evaluate", [
+        f"paths.data_dir={tmp_path / 'data'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        f"tracking.artifact_dir={tmp_path / 'mlartifacts'}",
+        f"evaluate.adherence.clip_path={cfg.evaluate.adherence.clip_path}", *FAST,
+    ])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "evaluate: process 0 of 2 paints samples 0 to 2 of 6" in done.stdout
+    assert "evaluate: process 1 of 2 paints samples 3 to 5 of 6" in done.stdout
+    # batches of 3 instead of 6: the same images up to float rounding, so the same measurements
+    split_out = tmp_path / "data" / "evaluate"
+    for image in (out / "images").rglob("*.png"):
+        split_image = np.asarray(Image.open(split_out / image.relative_to(out)), dtype=np.int16)
+        assert np.abs(split_image - np.asarray(Image.open(image), dtype=np.int16)).max() <= 2, image
+    with (out / "scores.csv").open() as alone_rows, (split_out / "scores.csv").open() as split_rows:
+        pairs = list(zip(csv.DictReader(alone_rows), csv.DictReader(split_rows), strict=True))
+    assert len(pairs) == 4 * 2 * 3
+    for alone_row, split_row in pairs:
+        assert split_row["image"] == alone_row["image"] and split_row["model"] == alone_row["model"]
+        assert float(split_row["style_score"]) == pytest.approx(float(alone_row["style_score"]), abs=1e-3)
+    split = json.loads((split_out / "metrics.json").read_text())
+    assert split["models"].keys() == alone["models"].keys()
+    for name, entry in alone["models"].items():
+        assert split["models"][name]["style_score"]["value"] == pytest.approx(entry["style_score"]["value"], abs=1e-3)
+        assert split["models"][name]["images"] == entry["images"]

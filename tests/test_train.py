@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from launch import accelerate_launch
 from safetensors.torch import load_file
 
 from artmaster import train
@@ -283,11 +284,7 @@ def test_two_process_ddp_on_cpu_ends_with_identical_adapters(assets, tmp_path):
     overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
                  f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}",
                  *FAST, "train.samples.prompts=[]", "train.epochs=2"]
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "artmaster.train", *overrides]
-    done = subprocess.run(command, cwd=project_root(), env=_subprocess_env(), capture_output=True, text=True,
-                          timeout=600)
+    done = accelerate_launch("artmaster.train", overrides)
     assert done.returncode == 0, done.stderr[-3000:]
     metrics = json.loads((Path(cfg.paths.data_dir) / "train" / "metrics.json").read_text())
     checksums = metrics["rank_checksums"]

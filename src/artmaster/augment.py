@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import textwrap
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -37,6 +38,7 @@ from artmaster.crop import TRAIN, split_rows
 from artmaster.files import read_jsonl, write_atomic
 from artmaster.generate import generate_images, image_grid, save_image_atomic, torch_threads
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.processes import Processes
 from artmaster.train import scaled_size
 from artmaster.tracking import log_picture, stage_run
 
@@ -320,24 +322,33 @@ def run(cfg: DictConfig) -> dict:
     generation = generation_settings(cfg)
     fingerprint = inputs_fingerprint(cfg, adapter, crops_file, captions_file)
     out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
-    for folder in SUBFOLDERS:
-        (out / folder).mkdir(parents=True, exist_ok=True)
-    remove_stale(out, plan)
+    processes = Processes(cfg.model)
+    if processes.is_main:
+        for folder in SUBFOLDERS:
+            (out / folder).mkdir(parents=True, exist_ok=True)
+        remove_stale(out, plan)
+    processes.wait()  # no process writes a sample before the stale ones are gone
 
-    with stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate")), torch_threads(settings.cpu_threads):
-        import mlflow
-
+    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate")) \
+        if processes.is_main else nullcontext()
+    with tracking, torch_threads(settings.cpu_threads):
         workers = Workers(cfg, crop_dir, crops, captions)
-        records, resumed = [], 0
-        for sample in tqdm(plan, desc=f"augment round {settings.round}", unit="sample"):
+        mine, resumed = [], 0
+        for sample in tqdm(processes.share(plan, "augment"), desc=f"augment round {settings.round}", unit="sample",
+                           disable=not processes.is_main):
             record = _finished(out / "samples" / f"{sample.sample_id}.json", sample, fingerprint)
             if record is None:
                 record = process_sample(sample, workers, generation, cfg, out, fingerprint)
             else:
                 resumed += 1
-            records.append(record)
+            mine.append(record)
+        records = processes.gather(mine)
+        resumed = sum(processes.gather([resumed]))
+        if not processes.is_main:
+            return {}
         if resumed:
             log.info("augment: %d of %d samples were already done and kept", resumed, len(plan))
+        import mlflow
 
         write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name)}

@@ -40,6 +40,7 @@ import logging
 import re
 import textwrap
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +55,7 @@ from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
 from artmaster.generate import generate_images, torch_threads
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
+from artmaster.processes import Processes
 from artmaster.tracking import log_picture, stage_run
 from artmaster.train import scaled_size
 
@@ -266,10 +268,11 @@ def vae_roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, str, int]],
+def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, str, int]], processes: Processes,
                  roundtrip: list[Image.Image] = ()) -> tuple[list[Generated], list[Image.Image]]:
-    """Every model's images, one pipeline: adapters are loaded for their model and unloaded after;
-    and the VAE roundtrip of `roundtrip` (see `vae_roundtrip`)."""
+    """Every model's images, one pipeline per process (each paints its `share` of the plan; all
+    images gathered on every process): adapters are loaded for their model and unloaded after;
+    and, on the main process, the VAE roundtrip of `roundtrip` (see `vae_roundtrip`)."""
     from artmaster.models import load_pipeline
 
     settings = cfg.evaluate
@@ -277,8 +280,8 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     gen = settings.generation
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip else []
-    seeds = [seed for _, _, seed in plan]
+    decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip and processes.is_main else []
+    share = processes.share(plan, "evaluate")
     results = []
     for spec in specs:
         started = time.perf_counter()
@@ -286,14 +289,14 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
             pipe.load_lora_weights(str(spec.adapter), use_safetensors=True)  # never a pickle
         try:
             images = generate_images(
-                pipe, [spec.prompt(content) for _, content, _ in plan], seeds,
+                pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
                 height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
                 max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
             )
         finally:
             if spec.adapter is not None:
                 pipe.unload_lora_weights()
-        results.append(Generated(spec, images, time.perf_counter() - started))
+        results.append(Generated(spec, processes.gather(images), time.perf_counter() - started))
         log.info("evaluate: %s painted %d images in %.1f s", spec.name, len(images), results[-1].seconds)
     return results, decoded
 
@@ -562,151 +565,154 @@ def run(cfg: DictConfig) -> dict:
     out_dir = stage_dir(cfg, "evaluate")
     started = time.perf_counter()
 
-    with stage_run(cfg, "evaluate", sections=("evaluate", "model")), torch_threads(settings.cpu_threads), \
-            staged_dir(out_dir) as staging:
-        import mlflow
-
-        extractor = StyleFeatureExtractor.from_config(metrics_cfg)
-        reference = load_crops(crop_dir, heldout_rows, image_scale)
+    processes = Processes(cfg.model)
+    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model")) if processes.is_main else nullcontext()
+    with tracking, torch_threads(settings.cpu_threads):
         train_crops = load_crops(crop_dir, train_rows, image_scale)
-        style_model = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
-        train_features = extractor.extract(train_crops[1], train_crops[0])
-        train_model = StyleModel.fit(train_features, metrics_cfg)
-
-        results, roundtrip = generate_all(cfg, specs, plan, train_crops[1] if settings.vae_ceiling else [])
+        results, roundtrip = generate_all(cfg, specs, plan, processes, train_crops[1] if settings.vae_ceiling else [])
         generation_seconds = time.perf_counter() - started
+        if not processes.is_main:
+            return {}
+        with staged_dir(out_dir) as staging:
+            import mlflow
 
-        clip, adherence_backend = ClipScorer.load(settings.adherence)
-        prompt_index = np.array([index for index, _, _ in plan])
-        train_thumbs = thumbnail_vectors(train_crops[1], int(settings.memorisation.pixel_size))
-        for result in results:
-            result.features = extractor.extract(result.images, [f"{result.spec.name}/{i}" for i in range(len(plan))])
-            result.scores = style_model.score(result.features)
-            index, distance = train_model.nearest_references(result.features)
-            result.nearest_crop = [train_crops[0][i] for i in index]
-            result.nearest_distance = distance / train_model.typical_distance
-            thumbs = thumbnail_vectors(result.images, int(settings.memorisation.pixel_size))
-            result.pixel_correlation = np.einsum("ij,ij->i", thumbs, train_thumbs[index])
-            if clip is not None:
-                result.adherence = clip.score(result.images, [content for _, content, _ in plan])
+            extractor = StyleFeatureExtractor.from_config(metrics_cfg)
+            reference = load_crops(crop_dir, heldout_rows, image_scale)
+            style_model = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
+            train_features = extractor.extract(train_crops[1], train_crops[0])
+            train_model = StyleModel.fit(train_features, metrics_cfg)
 
-        # --- metrics -----------------------------------------------------------------------
-        alpha = float(settings.alpha)
-        near = float(settings.memorisation.near_copy_distance)
-        baseline = next(r for r in results if r.spec.name == str(settings.compare_to))
-        models, per_prompt = {}, [{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)]
-        for result in results:
-            spread, spread_per_prompt = diversity(style_model, result.features, prompt_index)
-            for i, row in enumerate(per_prompt):
-                row[result.spec.name] = round(float(result.scores[prompt_index == i].mean()), 6)
-                row[f"{result.spec.name}_diversity"] = spread_per_prompt.get(i)
-            entry = {
-                "adapter": str(result.spec.adapter) if result.spec.adapter else None,
-                "prompt_template": result.spec.prompt("<prompt>"),
-                "images": len(result.images),
-                "style_score": interval(result.scores, style_model),
-                "kid": style_model.set_distance(result.features).as_dict(),
-                "adherence": NOT_AVAILABLE if result.adherence is None else interval(result.adherence, style_model),
-                "diversity": spread,
-                "memorisation": {
-                    "min_distance": float(result.nearest_distance.min()),
-                    "mean_distance": float(result.nearest_distance.mean()),
-                    "near_copies": int((result.nearest_distance < near).sum()),
-                    "max_pixel_correlation": float(result.pixel_correlation.max()),
-                },
-                "seconds_generation": round(result.seconds, 2),
+            clip, adherence_backend = ClipScorer.load(settings.adherence)
+            prompt_index = np.array([index for index, _, _ in plan])
+            train_thumbs = thumbnail_vectors(train_crops[1], int(settings.memorisation.pixel_size))
+            for result in results:
+                result.features = extractor.extract(result.images, [f"{result.spec.name}/{i}" for i in range(len(plan))])
+                result.scores = style_model.score(result.features)
+                index, distance = train_model.nearest_references(result.features)
+                result.nearest_crop = [train_crops[0][i] for i in index]
+                result.nearest_distance = distance / train_model.typical_distance
+                thumbs = thumbnail_vectors(result.images, int(settings.memorisation.pixel_size))
+                result.pixel_correlation = np.einsum("ij,ij->i", thumbs, train_thumbs[index])
+                if clip is not None:
+                    result.adherence = clip.score(result.images, [content for _, content, _ in plan])
+
+            # --- metrics -----------------------------------------------------------------------
+            alpha = float(settings.alpha)
+            near = float(settings.memorisation.near_copy_distance)
+            baseline = next(r for r in results if r.spec.name == str(settings.compare_to))
+            models, per_prompt = {}, [{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)]
+            for result in results:
+                spread, spread_per_prompt = diversity(style_model, result.features, prompt_index)
+                for i, row in enumerate(per_prompt):
+                    row[result.spec.name] = round(float(result.scores[prompt_index == i].mean()), 6)
+                    row[f"{result.spec.name}_diversity"] = spread_per_prompt.get(i)
+                entry = {
+                    "adapter": str(result.spec.adapter) if result.spec.adapter else None,
+                    "prompt_template": result.spec.prompt("<prompt>"),
+                    "images": len(result.images),
+                    "style_score": interval(result.scores, style_model),
+                    "kid": style_model.set_distance(result.features).as_dict(),
+                    "adherence": NOT_AVAILABLE if result.adherence is None else interval(result.adherence, style_model),
+                    "diversity": spread,
+                    "memorisation": {
+                        "min_distance": float(result.nearest_distance.min()),
+                        "mean_distance": float(result.nearest_distance.mean()),
+                        "near_copies": int((result.nearest_distance < near).sum()),
+                        "max_pixel_correlation": float(result.pixel_correlation.max()),
+                    },
+                    "seconds_generation": round(result.seconds, 2),
+                }
+                if result is not baseline:
+                    entry["vs_baseline"] = paired(result.scores, baseline.scores, style_model, alpha)
+                    if result.adherence is not None and baseline.adherence is not None:
+                        entry["adherence_vs_baseline"] = paired(result.adherence, baseline.adherence, style_model, alpha)
+                models[result.spec.name] = entry
+            by_name = {result.spec.name: result for result in results}
+            comparisons = {
+                f"{model}_vs_{against}": paired(by_name[model].scores, by_name[against].scores, style_model, alpha)
+                for model, against in ((str(a), str(b)) for a, b in settings.pairs)
             }
-            if result is not baseline:
-                entry["vs_baseline"] = paired(result.scores, baseline.scores, style_model, alpha)
-                if result.adherence is not None and baseline.adherence is not None:
-                    entry["adherence_vs_baseline"] = paired(result.adherence, baseline.adherence, style_model, alpha)
-            models[result.spec.name] = entry
-        by_name = {result.spec.name: result for result in results}
-        comparisons = {
-            f"{model}_vs_{against}": paired(by_name[model].scores, by_name[against].scores, style_model, alpha)
-            for model, against in ((str(a), str(b)) for a, b in settings.pairs)
-        }
-        width, height = generation_size(settings)
-        train_scores = style_model.score(train_features)
-        metrics = {
-            "compare_to": baseline.spec.name,
-            "alpha": alpha,
-            "reference": {
-                "heldout_scans": sorted({str(r["scan_id"]) for r in heldout_rows}),
-                "heldout_crops": len(heldout_rows),
-                "train_crops": {"count": len(train_rows), "style_score": interval(train_scores, style_model),
-                                "kid": style_model.set_distance(train_features).as_dict()},
-                "vae_ceiling": None if not roundtrip else {
-                    "style_score": interval(style_model.score(extractor.extract(roundtrip)), style_model),
-                    "kid": style_model.set_distance(extractor.extract(roundtrip)).as_dict(),
+            width, height = generation_size(settings)
+            train_scores = style_model.score(train_features)
+            metrics = {
+                "compare_to": baseline.spec.name,
+                "alpha": alpha,
+                "reference": {
+                    "heldout_scans": sorted({str(r["scan_id"]) for r in heldout_rows}),
+                    "heldout_crops": len(heldout_rows),
+                    "train_crops": {"count": len(train_rows), "style_score": interval(train_scores, style_model),
+                                    "kid": style_model.set_distance(train_features).as_dict()},
+                    "vae_ceiling": None if not roundtrip else {
+                        "style_score": interval(style_model.score(extractor.extract(roundtrip)), style_model),
+                        "kid": style_model.set_distance(extractor.extract(roundtrip)).as_dict(),
+                    },
+                    "typical_distance": style_model.typical_distance,
                 },
-                "typical_distance": style_model.typical_distance,
-            },
-            "generation": {"size": f"{width}x{height}", "steps": int(settings.generation.steps),
-                           "guidance": float(settings.generation.guidance), "prompts": len(prompts),
-                           "seeds": len(seeds)},
-            "adherence_backend": adherence_backend,
-            "memorisation_threshold": near,
-            "models": models,
-            "comparisons": comparisons,
-        }
+                "generation": {"size": f"{width}x{height}", "steps": int(settings.generation.steps),
+                               "guidance": float(settings.generation.guidance), "prompts": len(prompts),
+                               "seeds": len(seeds)},
+                "adherence_backend": adherence_backend,
+                "memorisation_threshold": near,
+                "models": models,
+                "comparisons": comparisons,
+            }
 
-        # --- files ---------------------------------------------------------------------------
-        rows = []
-        for result in results:
-            folder = staging / "images" / result.spec.name
-            folder.mkdir(parents=True)
-            for i, (p_index, content, seed) in enumerate(plan):
-                relative = f"images/{result.spec.name}/p{p_index:02d}_s{seed}.png"
-                result.images[i].save(staging / relative)
-                rows.append({
-                    "model": result.spec.name, "sample": i, "prompt_index": p_index, "prompt": content,
-                    "seed": seed, "style_score": round(float(result.scores[i]), 6),
-                    "vs_baseline": round(float(result.scores[i] - baseline.scores[i]), 6),
-                    "adherence": "" if result.adherence is None else round(float(result.adherence[i]), 4),
-                    "nearest_train_crop": result.nearest_crop[i],
-                    "nearest_train_distance": round(float(result.nearest_distance[i]), 6),
-                    "pixel_correlation": round(float(result.pixel_correlation[i]), 6),
-                    "image": relative,
-                })
-        columns = list(rows[0])
-        write_csv(staging / "scores.csv", rows, columns)
-        write_csv(staging / "per_prompt.csv", per_prompt,
-                  ["prompt_index", "prompt", *models, *(f"{n}_diversity" for n in models)])
-        draw_grid(results, plan, prompts, seeds, int(settings.report.cell), int(settings.report.grid_seeds)) \
-            .save(staging / "grid.png")
-        (staging / "summary.md").write_text(markdown_table(metrics), encoding="utf-8")
-        report = render_report(metrics, per_prompt, results, plan, prompts, seeds, reference, train_crops, settings,
-                               roundtrip)
-        (staging / "report.html").write_text(report, encoding="utf-8")
-        metrics["seconds"] = {"generation": round(generation_seconds, 2),
-                              "total": round(time.perf_counter() - started, 2)}
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
+            # --- files ---------------------------------------------------------------------------
+            rows = []
+            for result in results:
+                folder = staging / "images" / result.spec.name
+                folder.mkdir(parents=True)
+                for i, (p_index, content, seed) in enumerate(plan):
+                    relative = f"images/{result.spec.name}/p{p_index:02d}_s{seed}.png"
+                    result.images[i].save(staging / relative)
+                    rows.append({
+                        "model": result.spec.name, "sample": i, "prompt_index": p_index, "prompt": content,
+                        "seed": seed, "style_score": round(float(result.scores[i]), 6),
+                        "vs_baseline": round(float(result.scores[i] - baseline.scores[i]), 6),
+                        "adherence": "" if result.adherence is None else round(float(result.adherence[i]), 4),
+                        "nearest_train_crop": result.nearest_crop[i],
+                        "nearest_train_distance": round(float(result.nearest_distance[i]), 6),
+                        "pixel_correlation": round(float(result.pixel_correlation[i]), 6),
+                        "image": relative,
+                    })
+            columns = list(rows[0])
+            write_csv(staging / "scores.csv", rows, columns)
+            write_csv(staging / "per_prompt.csv", per_prompt,
+                      ["prompt_index", "prompt", *models, *(f"{n}_diversity" for n in models)])
+            draw_grid(results, plan, prompts, seeds, int(settings.report.cell), int(settings.report.grid_seeds)) \
+                .save(staging / "grid.png")
+            (staging / "summary.md").write_text(markdown_table(metrics), encoding="utf-8")
+            report = render_report(metrics, per_prompt, results, plan, prompts, seeds, reference, train_crops, settings,
+                                   roundtrip)
+            (staging / "report.html").write_text(report, encoding="utf-8")
+            metrics["seconds"] = {"generation": round(generation_seconds, 2),
+                                  "total": round(time.perf_counter() - started, 2)}
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
 
-        # --- MLflow --------------------------------------------------------------------------
-        logged = {}
-        for name, entry in models.items():
-            logged[f"{name}.style_score"] = entry["style_score"]["value"]
-            logged[f"{name}.kid"] = entry["kid"]["value"]
-            logged[f"{name}.nearest_train_min"] = entry["memorisation"]["min_distance"]
-            logged[f"{name}.near_copies"] = entry["memorisation"]["near_copies"]
-            if entry["diversity"] is not None:
-                logged[f"{name}.diversity"] = entry["diversity"]
-            if isinstance(entry["adherence"], dict):
-                logged[f"{name}.clip_score"] = entry["adherence"]["value"]
-            if "vs_baseline" in entry:
-                logged[f"{name}.vs_baseline"] = entry["vs_baseline"]["mean_difference"]
-                logged[f"{name}.p_value"] = entry["vs_baseline"]["p_value"]
-        for name, comparison in comparisons.items():
-            logged[f"{name}.difference"] = comparison["mean_difference"]
-            logged[f"{name}.p_value"] = comparison["p_value"]
-        logged["seconds_total"] = metrics["seconds"]["total"]
-        mlflow.log_metrics({k.replace("+", "_"): float(v) for k, v in logged.items()})
-        mlflow.set_tag("evaluate.adherence", adherence_backend)
-        mlflow.log_table({key: [row[key] for row in rows] for key in columns}, artifact_file="evaluate/scores.json")
-        for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):
-            mlflow.log_artifact(str(staging / name), artifact_path="evaluate")
-        log_picture(staging / "grid.png", "evaluate")
+            # --- MLflow --------------------------------------------------------------------------
+            logged = {}
+            for name, entry in models.items():
+                logged[f"{name}.style_score"] = entry["style_score"]["value"]
+                logged[f"{name}.kid"] = entry["kid"]["value"]
+                logged[f"{name}.nearest_train_min"] = entry["memorisation"]["min_distance"]
+                logged[f"{name}.near_copies"] = entry["memorisation"]["near_copies"]
+                if entry["diversity"] is not None:
+                    logged[f"{name}.diversity"] = entry["diversity"]
+                if isinstance(entry["adherence"], dict):
+                    logged[f"{name}.clip_score"] = entry["adherence"]["value"]
+                if "vs_baseline" in entry:
+                    logged[f"{name}.vs_baseline"] = entry["vs_baseline"]["mean_difference"]
+                    logged[f"{name}.p_value"] = entry["vs_baseline"]["p_value"]
+            for name, comparison in comparisons.items():
+                logged[f"{name}.difference"] = comparison["mean_difference"]
+                logged[f"{name}.p_value"] = comparison["p_value"]
+            logged["seconds_total"] = metrics["seconds"]["total"]
+            mlflow.log_metrics({k.replace("+", "_"): float(v) for k, v in logged.items()})
+            mlflow.set_tag("evaluate.adherence", adherence_backend)
+            mlflow.log_table({key: [row[key] for row in rows] for key in columns}, artifact_file="evaluate/scores.json")
+            for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):
+                mlflow.log_artifact(str(staging / name), artifact_path="evaluate")
+            log_picture(staging / "grid.png", "evaluate")
 
     print(markdown_table(metrics), end="")
     print(f"evaluate: {len(results)} models x {len(plan)} images in {metrics['seconds']['total']:.0f} s -> {out_dir}")
