@@ -2,22 +2,24 @@
 
 Builds FLUX.1-dev with random bf16 weights (`model=flux_dev_random`: transformer, VAE, CLIP and
 T5-XXL; random weights cost what the real ones cost), writes a random rank-8 LoRA on the 418-module
-set in the train stage's export format and loads it the way the `augment` stage does
-(`pipe.load_lora_weights(<folder>)`), then generates 512x512 images in 28 steps and times:
+set in the train stage's export format and loads it (`generate.load_adapter`), then generates
+512x512 images in 28 steps and times:
 
 - plain: a plain diffusers call per image, `pipe(prompt=..., height, width, num_inference_steps,
   guidance_scale, generator)`: the pipeline's defaults otherwise (T5 at 512 tokens, prompt encoded
   on every call), the LoRA as loaded, eager
-- augment: `artmaster.generate.generate_images` exactly as the augment stage calls it, one image per
-  call, prompt encoded per call at `model.max_sequence_length` (128), LoRA as loaded, eager
-- augment_compiled: the same with `model.compile` (regional torch.compile of the blocks), what the
-  augment stage runs under experiment=artmaster_flux
-- batched: `generate_images` with batch_size 4 and a shared embedding cache (eager, LoRA as loaded)
+- one_per_call: `artmaster.generate.generate_images` one image per call, the prompt encoded per call
+  at `model.max_sequence_length` (128), LoRA as loaded, eager (the augment stage at
+  `augment.generation.batch_size=1` without `model.fuse_lora`)
+- one_per_call_compiled: the same with `model.compile` (regional torch.compile of the blocks)
+- batched: `generate_images` with `augment.generation.batch_size` of experiment=artmaster_flux (4)
+  and a shared embedding cache (eager, LoRA as loaded)
 - batched_fused: + the LoRA folded into the weights (`pipe.fuse_lora()`, what
   `artmaster.generate.load_adapter(fuse=True)` does before it drops the LoRA layers)
-- batched_fused_compiled: + regional torch.compile
+- batched_fused_compiled: + regional torch.compile: how the augment stage paints its originals
+  under experiment=artmaster_flux (`augment.Workers.paint_originals`)
 
-Rows run in this order (augment_compiled last, after the LoRA is unfused again); a row starts only
+Rows run in this order (one_per_call_compiled last, after the LoRA is unfused again); a row starts only
 while --budget seconds remain. Each row: one untimed call (or batch) first, then --images images
 (--images-b1 for the one-image-per-call rows). Prints images/s and the ratio to `plain`; writes
 JSON after every row.
@@ -50,7 +52,6 @@ PROFILES = {
     "flux": {"overrides": ["model=flux_dev_random"], "size": 512, "steps": 28, "images": 8, "images_b1": 4},
     "tiny": {"overrides": ["model=tiny"], "size": 128, "steps": 4, "images": 4, "images_b1": 2},
 }
-BATCH = 4
 
 
 def random_lora(transformer, target: str, rank: int, folder: Path) -> int:
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="flux")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--json", default="generate.json")
-    parser.add_argument("--images", type=int, help="timed images per batched row (a multiple of 4)")
+    parser.add_argument("--images", type=int, help="timed images per batched row (a multiple of augment.generation.batch_size)")
     parser.add_argument("--images-b1", type=int, help="timed images per one-image-per-call row")
     parser.add_argument("--steps", type=int, help="denoising steps (default 28)")
     parser.add_argument("--budget", type=float, default=170.0, help="seconds: no row starts after this")
@@ -106,8 +107,9 @@ def main() -> None:
     guidance = float(cfg.augment.generation.guidance)
     max_len = int(cfg.model.max_sequence_length)
     prompts = [str(p) for p in cfg.augment.prompts]
-    seeds = list(range(1000, 1000 + max(count, 4) + BATCH))
     can_compile = device.type == "cuda" or args.compile_on_cpu
+    batch = int(cfg.augment.generation.batch_size)
+    seeds = list(range(1000, 1000 + max(count, batch) + batch))
 
     pipe = models.build_random_pipeline(cfg.model)  # with CLIP and T5: the plain call encodes prompts
     pipe.set_progress_bar_config(disable=True)
@@ -130,7 +132,7 @@ def main() -> None:
             pipe(prompt=prompts[i % len(prompts)], height=size, width=size, num_inference_steps=steps,
                  guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seeds[i]))
 
-    def augment(indices):  # augment.process_sample: one image per call, no shared embedding cache
+    def one_per_call(indices):  # no shared embedding cache
         for i in indices:
             generate_images(pipe, [prompts[i % len(prompts)]], [seeds[i]], batch_size=1, height=size, width=size,
                             steps=steps, guidance=guidance, max_sequence_length=max_len)
@@ -141,7 +143,7 @@ def main() -> None:
     def batched(indices):
         indices = list(indices)
         generate_images(pipe, [prompts[i % len(prompts)] for i in indices], [seeds[i] for i in indices],
-                        batch_size=BATCH, height=size, width=size, steps=steps, guidance=guidance,
+                        batch_size=batch, height=size, width=size, steps=steps, guidance=guidance,
                         max_sequence_length=max_len, embedding_cache=cache)
 
     def fuse():
@@ -160,11 +162,11 @@ def main() -> None:
     # LoRA layers) and unfused again for the rows after.
     plan = [
         ("plain", plain, range(1), None, None),
-        ("augment", augment, range(1), None, None),
-        ("batched", batched, range(BATCH), None, None),
-        ("batched_fused", batched, range(BATCH), None, fuse),
-        ("batched_fused_compiled", batched, range(BATCH), "default", fuse),
-        ("augment_compiled", augment, range(2), "default", unfuse),
+        ("one_per_call", one_per_call, range(1), None, None),
+        ("batched", batched, range(batch), None, None),
+        ("batched_fused", batched, range(batch), None, fuse),
+        ("batched_fused_compiled", batched, range(batch), "default", fuse),
+        ("one_per_call_compiled", one_per_call, range(2), "default", unfuse),
     ]
     # (Compiling the blocks with CUDA graphs, mode reduce-overhead, fails for inference: the blocks
     # share one graph and the next block's replay overwrites the output the residual still reads.)
@@ -199,7 +201,7 @@ def main() -> None:
             warm_seconds = time.perf_counter() - started
             graphs = graph_count()
             started = time.perf_counter()
-            run(range(BATCH, BATCH + timed))
+            run(range(batch, batch + timed))
             sync(device)
             seconds = time.perf_counter() - started
             graphs = graph_count() - graphs
@@ -211,7 +213,7 @@ def main() -> None:
             gc.collect()
             continue
         row = {"name": name, "compiled": compiled and can_compile, "mode": mode, "images": timed,
-               "batch_size": 1 if single else BATCH, "fused": state["fused"], "seconds": seconds,
+               "batch_size": 1 if single else batch, "fused": state["fused"], "seconds": seconds,
                "images_per_second": timed / seconds, "seconds_per_image": seconds / timed,
                "warmup_seconds": warm_seconds, "warmup_images": len(warm), "graphs_compiled_while_timed": graphs,
                "peak_gb": torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else None}

@@ -152,6 +152,23 @@ def test_a_rerun_after_a_kill_redoes_only_the_unfinished_samples(cfg_for, monkey
     assert not list((out / "pairs").glob("0002-*")) and not (out / "comparisons" / "0002.png").exists()
 
 
+def test_originals_painted_in_batches_with_the_lora_folded_in_match_one_at_a_time(cfg_for, monkeypatch):
+    keep_all = ("augment.filter.margin=-1000", "augment.filter.near_copy_distance=0")
+    cfg = cfg_for(*keep_all)
+    augment.run(cfg)
+    pairs = _out(cfg) / "pairs"
+    one_at_a_time = {path.name: np.asarray(Image.open(path), dtype=np.int16) for path in pairs.glob("*-original.png")}
+
+    calls, real = [], augment.generate_images
+    monkeypatch.setattr(augment, "generate_images",
+                        lambda pipe, prompts, *a, **k: calls.append(len(prompts)) or real(pipe, prompts, *a, **k))
+    augment.run(cfg_for(*keep_all, "augment.generation.batch_size=2", "model.fuse_lora=true"))
+    assert calls == [2, 1]  # 3 samples; the new settings make every finished sample stale
+    assert len(one_at_a_time) == 3
+    for name, image in one_at_a_time.items():  # the same images up to float rounding
+        assert np.abs(np.asarray(Image.open(pairs / name), dtype=np.int16) - image).max() <= 2, name
+
+
 def _files(folder: Path) -> dict[Path, bytes]:
     return {path.relative_to(folder): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
 

@@ -2,7 +2,9 @@
 
 For each planned sample (prompt i mod len(prompts), seed `augment.seed + i`):
 1. generate the original with the current adapter (`augment.adapter` in round 0, the adapter
-   retrained in round r-1 in round r > 0: `round_adapter`) through `generate_images`;
+   retrained in round r-1 in round r > 0: `round_adapter`; folded into the weights with
+   `model.fuse_lora`) through `generate_images`, `augment.generation.batch_size` originals per call
+   with each prompt encoded once;
 2. the critic (conf/critic) marks regions that drift from the painter, with local prompts;
 3. the refiner (conf/refine) repaints them from the same seed;
 4. the filter keeps the refined image only when its style_score (artmaster.metrics, reference
@@ -13,7 +15,8 @@ Writes data/augment/round_<r>/: samples/<id>.json (provenance: prompt, seed, cri
 verdict), pairs/<id>-original.png and <id>-refined.png, comparisons/<id>.png (before/after with the
 boxes drawn and labelled), accepted/<id>.png (the refined images the filter kept), samples.jsonl,
 metrics.json and contact_sheet.png. A sample whose JSON exists with the same inputs fingerprint is
-not redone, so a killed run resumes where it stopped.
+not redone, so a killed run resumes where it stopped. Under `accelerate launch` each process takes
+a share of the samples (`artmaster.processes`).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
 from artmaster.crop import TRAIN, split_rows
 from artmaster.files import read_jsonl, write_atomic
-from artmaster.generate import generate_images, image_grid, save_image_atomic, torch_threads
+from artmaster.generate import generate_images, image_grid, load_adapter, save_image_atomic, torch_threads
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
 from artmaster.train import scaled_size
@@ -173,9 +176,18 @@ class Workers:
         from artmaster.models import load_pipeline
 
         pipe = load_pipeline(self.cfg.model)
-        pipe.load_lora_weights(str(round_adapter(self.cfg)), use_safetensors=True)  # never a pickle
+        load_adapter(pipe, round_adapter(self.cfg), fuse=bool(self.cfg.model.fuse_lora))
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    @cached_property
+    def prompt_embeddings(self) -> dict:
+        """`generate_images`' cache: the plan cycles through a few prompts, each encoded once."""
+        return {}
+
+    def paint_originals(self, samples: list[Sample], generation: dict) -> list[Image.Image]:
+        return generate_images(self.pipe, [s.prompt for s in samples], [s.seed for s in samples],
+                               batch_size=len(samples), embedding_cache=self.prompt_embeddings, **generation)
 
     @cached_property
     def critic(self):
@@ -214,10 +226,10 @@ def filter_verdict(style_gain: float, nearest_distance: float, nearest_crop: str
     return True, f"style gain {style_gain:+.3f} >= margin {margin}"
 
 
-def process_sample(sample: Sample, workers: Workers, generation: dict, cfg: DictConfig, out: Path, fingerprint: str) -> dict:
-    """Generate, critique, refine and filter one sample; write its files, JSON last."""
+def process_sample(sample: Sample, original: Image.Image, workers: Workers, generation: dict, cfg: DictConfig,
+                   out: Path, fingerprint: str) -> dict:
+    """Critique, refine and filter one sample's generated original; write its files, JSON last."""
     settings = cfg.augment
-    original = generate_images(workers.pipe, [sample.prompt], [sample.seed], batch_size=1, **generation)[0]
     edits: list[Edit] = workers.critic.critique(original, sample.prompt)
     refined = workers.refiner.refine(original, sample.prompt, sample.seed, edits, **generation) if edits else None
     extractor, model = workers.reference
@@ -333,15 +345,20 @@ def run(cfg: DictConfig) -> dict:
         if processes.is_main else nullcontext()
     with tracking, torch_threads(settings.cpu_threads):
         workers = Workers(cfg, crop_dir, crops, captions)
+        share = processes.share(plan, "augment")
+        batch_size = int(settings.generation.batch_size)
         mine, resumed = [], 0
-        for sample in tqdm(processes.share(plan, "augment"), desc=f"augment round {settings.round}", unit="sample",
-                           disable=not processes.is_main):
-            record = _finished(out / "samples" / f"{sample.sample_id}.json", sample, fingerprint)
-            if record is None:
-                record = process_sample(sample, workers, generation, cfg, out, fingerprint)
-            else:
-                resumed += 1
-            mine.append(record)
+        with tqdm(total=len(share), desc=f"augment round {settings.round}", unit="sample",
+                  disable=not processes.is_main) as progress:
+            for start in range(0, len(share), batch_size):
+                batch = share[start : start + batch_size]
+                done = {s.sample_id: _finished(out / "samples" / f"{s.sample_id}.json", s, fingerprint) for s in batch}
+                todo = [sample for sample in batch if done[sample.sample_id] is None]
+                resumed += len(batch) - len(todo)
+                for sample, original in zip(todo, workers.paint_originals(todo, generation) if todo else []):
+                    done[sample.sample_id] = process_sample(sample, original, workers, generation, cfg, out, fingerprint)
+                mine.extend(done[sample.sample_id] for sample in batch)
+                progress.update(len(batch))
         records = processes.gather(mine)
         resumed = sum(processes.gather([resumed]))
         if not processes.is_main:
