@@ -76,8 +76,9 @@ def main() -> None:
     if one["scores"].keys() != split["scores"].keys():
         raise SystemExit(f"the runs scored different images: {sorted(one['scores'].keys() ^ split['scores'].keys())}")
     difference = max(abs(one["scores"][k] - split["scores"][k]) for k in one["scores"])
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    print(f"\n{args.stage} on {torch.cuda.device_count()} x {device}, overrides {' '.join(args.overrides)}")
+    device = (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
+              else f"CPU, {os.cpu_count()} cores")
+    print(f"\n{args.stage} on {device}, overrides {' '.join(args.overrides)}")
     print("| processes | images | wall (s, incl. start-up) | images/s | speed-up |")
     print("|---|---|---|---|---|")
     for entry in runs:
@@ -87,7 +88,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps({
             "date": datetime.date.today().isoformat(), "stage": args.stage, "device": device,
-            "gpus": torch.cuda.device_count(), "overrides": args.overrides, "max_score_difference": difference,
+            "overrides": args.overrides, "max_score_difference": difference,
             "runs": [{k: v for k, v in entry.items() if k != "scores"} for entry in runs],
         }, indent=2))
 
