@@ -204,6 +204,8 @@ def test_missing_adapter_and_bad_round_are_clear_errors(cfg_for, tmp_path):
         augment.run(cfg_for(f"augment.adapter={tmp_path / 'nowhere'}"))
     with pytest.raises(ValueError, match=r"augment\.round=2 must be in \[0, augment\.rounds=1\)"):
         augment.run(cfg_for("augment.round=2"))
+    with pytest.raises(ValueError, match=r"augment\.generation\.batch_size must be >= 1, got 0"):
+        augment.run(cfg_for("augment.generation.batch_size=0"))
 
 
 def test_comparison_picture_draws_numbered_boxes_on_both_panels(make_cfg):

@@ -332,6 +332,9 @@ def run(cfg: DictConfig) -> dict:
                 if row.get("caption") and str(row.get("crop_id")) in train_ids]
     plan = sample_plan(settings)
     generation = generation_settings(cfg)
+    batch_size = int(settings.generation.batch_size)
+    if batch_size < 1:
+        raise ValueError(f"augment.generation.batch_size must be >= 1, got {batch_size}")
     fingerprint = inputs_fingerprint(cfg, adapter, crops_file, captions_file)
     out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
     processes = Processes(cfg.model)
@@ -346,7 +349,6 @@ def run(cfg: DictConfig) -> dict:
     with tracking, torch_threads(settings.cpu_threads):
         workers = Workers(cfg, crop_dir, crops, captions)
         share = processes.share(plan, "augment")
-        batch_size = int(settings.generation.batch_size)
         mine, resumed = [], 0
         with tqdm(total=len(share), desc=f"augment round {settings.round}", unit="sample",
                   disable=not processes.is_main) as progress:
