@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from artmaster.processes import launch_command
+
 
 def stage_output(stage: str, data_dir: Path) -> Path:
     return data_dir / "evaluate" if stage == "evaluate" else data_dir / "augment" / "round_0"
@@ -43,10 +45,9 @@ def scores(stage: str, output: Path) -> dict[str, float]:
 
 
 def run_stage(stage: str, processes: int, data_dir: Path, overrides: list[str]) -> dict:
-    command = [sys.executable, "-m", f"artmaster.{stage}", f"paths.data_dir={data_dir}", *overrides]
-    if processes > 1:
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", *command[1:]]
+    module = f"artmaster.{stage}"
+    start = launch_command(module, processes) if processes > 1 else [sys.executable, "-m", module]
+    command = [*start, f"paths.data_dir={data_dir}", *overrides]
     output = stage_output(stage, data_dir)
     shutil.rmtree(output, ignore_errors=True)
     started = time.perf_counter()

@@ -160,6 +160,7 @@ class Workers:
         self.crop_dir = crop_dir
         self.crops = crops
         self.captions = captions
+        self.prompt_embeddings: dict = {}  # `generate_images`' cache: the plan cycles through a few prompts
 
     @cached_property
     def reference(self) -> tuple[StyleFeatureExtractor, StyleModel]:
@@ -179,11 +180,6 @@ class Workers:
         load_adapter(pipe, round_adapter(self.cfg), fuse=bool(self.cfg.model.fuse_lora))
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    @cached_property
-    def prompt_embeddings(self) -> dict:
-        """`generate_images`' cache: the plan cycles through a few prompts, each encoded once."""
-        return {}
 
     def paint_originals(self, samples: list[Sample], generation: dict) -> list[Image.Image]:
         return generate_images(self.pipe, [s.prompt for s in samples], [s.seed for s in samples],

@@ -10,6 +10,7 @@ and seed (`generate.generate_images`), so the split never changes what is painte
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -65,3 +66,13 @@ class Processes:
     def wait(self) -> None:
         """Block until every process gets here."""
         self.state.wait_for_everyone()
+
+
+def launch_command(module: str, processes: int, port: int | None = None) -> list[str]:
+    """The argv that starts `python -m <module>` (a stage) in `processes` processes on this machine
+    through `accelerate launch`; `port`: the rendezvous port (accelerate's default when None)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    if port is not None:
+        command += ["--main_process_port", str(port)]
+    return [*command, "-m", module]
