@@ -8,14 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from launch import accelerate_launch
 from omegaconf import OmegaConf
 from PIL import Image
+from tiny_upstream import write_base_and_lora
 
 from artmaster import augment
-from artmaster.config import compose
-from artmaster.models import build_random_pipeline
 from artmaster.painter import STYLES, paint
 
 CROPS = 5
@@ -30,10 +28,6 @@ FAST = (
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """data/ as the stages before augment leave it: crops, captions, base pipeline, LoRA."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     data = tmp_path_factory.mktemp("upstream") / "data"
     rows, captions = [], []
     for i in range(CROPS):
@@ -46,13 +40,7 @@ def upstream(tmp_path_factory) -> Path:
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "caption").mkdir()
     (data / "caption" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
-    pipe = build_random_pipeline(compose([]).model)
-    pipe.save_pretrained(data / "base" / "pipeline")
-    torch.manual_seed(0)
-    pipe.transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    )
-    FluxPipeline.save_lora_weights(data / "train" / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    write_base_and_lora(data)
     return data
 
 

@@ -14,11 +14,11 @@ import pytest
 import torch
 from launch import accelerate_launch
 from PIL import Image
+from tiny_upstream import write_base_and_lora
 
 from artmaster import evaluate
 from artmaster.config import compose
 from artmaster.metrics import ModelSettings, StyleModel
-from artmaster.models import build_random_pipeline
 from artmaster.painter import STYLES, paint
 
 # 3 held-out crops of one scan, 4 training crops of two others
@@ -45,10 +45,6 @@ FAST = (
 @pytest.fixture(scope="module")
 def upstream(tmp_path_factory) -> Path:
     """data/ as the stages before evaluate leave it: crops (with splits), base pipeline, a LoRA."""
-    from diffusers import FluxPipeline
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     data = tmp_path_factory.mktemp("upstream") / "data"
     rows, seed = [], 0
     for scan_id, split, count in CROPS:
@@ -61,13 +57,7 @@ def upstream(tmp_path_factory) -> Path:
             rows.append({"crop_id": crop_id, "scan_id": scan_id, "bucket": "512x512", "width": 512, "height": 512,
                          "path": f"512x512/{crop_id}.png", "split": split})
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    pipe = build_random_pipeline(compose([]).model)
-    pipe.save_pretrained(data / "base" / "pipeline")
-    torch.manual_seed(0)
-    pipe.transformer.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False)
-    )
-    FluxPipeline.save_lora_weights(data / "train" / "lora", transformer_lora_layers=get_peft_model_state_dict(pipe.transformer))
+    write_base_and_lora(data)
     return data
 
 
