@@ -1,4 +1,5 @@
-"""Starting a stage under `accelerate launch` with several CPU processes, as users do on GPUs."""
+"""Starting stages in subprocesses as users do: offline, and under `accelerate launch` with several
+CPU processes (as on GPUs)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def offline_env() -> dict[str, str]:
+    """This environment, offline (nothing downloads) and with unbuffered output."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
 def accelerate_launch(module: str, overrides: list[str], processes: int = 2) -> subprocess.CompletedProcess:
     """`accelerate launch --num_processes <processes> -m <module> <overrides>`, offline, output captured.
     Each launch rendezvous on its own free port, so tests may run side by side (pytest -n)."""
     command = [*launch_command(module, processes, port=free_port()), *overrides]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(command, cwd=project_root(), env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(command, cwd=project_root(), env=offline_env(), capture_output=True, text=True, timeout=600)

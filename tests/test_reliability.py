@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from bad_scans import MIN_SIDE, painting, shared_tracking_overrides
+from launch import offline_env
 from omegaconf import OmegaConf
 
 from artmaster import crop, ingest
@@ -30,10 +31,6 @@ from artmaster.painter import STYLES, scan
 from artmaster.tracking import TrackingUnavailable
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "artmaster"
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def _tree(folder: Path) -> dict[str, str]:
@@ -141,7 +138,7 @@ def test_a_stage_killed_with_sigkill_leaves_the_previous_output_whole(cfg_for, t
     overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"tracking.uri={cfg.tracking.uri}",
                  f"tracking.artifact_dir={cfg.tracking.artifact_dir}", f"data.scans_dir={cfg.data.scans_dir}",
                  f"data.ingest.min_side={MIN_SIDE}"]
-    killed = subprocess.run([sys.executable, "-c", KILL_INGEST, *overrides], cwd=project_root(), env=_env(),
+    killed = subprocess.run([sys.executable, "-c", KILL_INGEST, *overrides], cwd=project_root(), env=offline_env(),
                             capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert _tree(out) == before  # what DVC would see (and cache) is the previous, complete output
@@ -207,7 +204,7 @@ def test_tracking_can_be_switched_off_and_the_outputs_are_still_written(cfg_for,
 
 
 def _cli(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "artmaster.cli", *argv], cwd=project_root(), env=_env(),
+    return subprocess.run([sys.executable, "-m", "artmaster.cli", *argv], cwd=project_root(), env=offline_env(),
                           capture_output=True, text=True, timeout=300)
 
 

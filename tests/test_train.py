@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from launch import accelerate_launch
+from launch import accelerate_launch, offline_env
 from safetensors.torch import load_file
 
 from artmaster import train
@@ -273,11 +272,6 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(asset
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
-def _subprocess_env() -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_ends_with_identical_adapters(assets, tmp_path):
     cfg = make_run_cfg(assets, tmp_path)  # copies the data
@@ -304,7 +298,7 @@ def test_two_by_two_sweep_is_one_parent_run_with_four_children_and_a_summary(ass
                  f"hydra.sweep.dir={sweep_dir}"]
     command = [sys.executable, "-m", "artmaster.cli", "train", "-m", "train.adalora.target_r=4,8",
                "train.optim.lr=1e-4,2e-4", *overrides]
-    done = subprocess.run(command, cwd=project_root(), env=_subprocess_env(), capture_output=True, text=True,
+    done = subprocess.run(command, cwd=project_root(), env=offline_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
 

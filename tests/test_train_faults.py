@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from launch import offline_env
 from safetensors.torch import load_file
 from test_augment import FAST as AUGMENT_FAST
 from test_augment import upstream  # noqa: F401 - a fixture
@@ -71,17 +72,13 @@ train.run(compose(overrides))
 """
 
 
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
-
 def _overrides(cfg) -> list[str]:
     return [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
             f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}", *FAST]
 
 
 def _sigkilled(script: str, *argv: str) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=project_root(), env=_env(),
+    done = subprocess.run([sys.executable, "-c", script, *argv], cwd=project_root(), env=offline_env(),
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == -signal.SIGKILL, f"not killed (rc {done.returncode}):\n{done.stderr[-3000:]}"
     return done
