@@ -272,7 +272,7 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
                  roundtrip: list[Image.Image] = ()) -> tuple[list[Generated], list[Image.Image]]:
     """Every model's images, one pipeline per process (each paints its `share` of the plan; all
     images gathered on every process): adapters are loaded for their model and unloaded after;
-    and, on the main process, the VAE roundtrip of `roundtrip` (see `vae_roundtrip`)."""
+    and the VAE roundtrip of `roundtrip` (see `vae_roundtrip`)."""
     from artmaster.models import load_pipeline
 
     settings = cfg.evaluate
@@ -280,7 +280,7 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     gen = settings.generation
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
-    decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip and processes.is_main else []
+    decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip else []
     share = processes.share(plan, "evaluate")
     results = []
     for spec in specs:
@@ -568,7 +568,8 @@ def run(cfg: DictConfig) -> dict:
     processes = Processes(cfg.model)
     tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model")) if processes.is_main else nullcontext()
     with tracking, torch_threads(settings.cpu_threads):
-        train_crops = load_crops(crop_dir, train_rows, image_scale)
+        # only the main process scores: the others need no crops, and no VAE roundtrip of them
+        train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
         results, roundtrip = generate_all(cfg, specs, plan, processes, train_crops[1] if settings.vae_ceiling else [])
         generation_seconds = time.perf_counter() - started
         if not processes.is_main:
