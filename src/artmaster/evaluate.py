@@ -53,7 +53,7 @@ from scipy.spatial.distance import pdist
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
-from artmaster.generate import adapter_applied, generate_images, torch_threads
+from artmaster.generate import adapter_applied, generate_images
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
 from artmaster.processes import Processes
 from artmaster.tracking import log_picture, stage_run
@@ -563,7 +563,7 @@ def run(cfg: DictConfig) -> dict:
 
     processes = Processes(cfg.model)
     tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model")) if processes.is_main else nullcontext()
-    with tracking, torch_threads(settings.cpu_threads):
+    with tracking:
         # only the main process scores: the others need no crops, and no VAE roundtrip of them
         train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
         results, roundtrip = generate_all(cfg, specs, plan, processes, train_crops[1] if settings.vae_ceiling else [])

@@ -27,18 +27,6 @@ from artmaster.config import compose
 EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` torch CPU threads (None: leave torch's setting), restored afterwards."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
                    cache: EmbeddingCache | None = None) -> EmbeddingCache:
     """Text embeddings of each distinct prompt, computed once and kept in `cache`.

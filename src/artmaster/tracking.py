@@ -181,3 +181,17 @@ def log_picture(path: Path, artifact_dir: str = "pictures") -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+@contextmanager
+def child_run(cfg: DictConfig, stage: str, label: str) -> Iterator[None]:
+    """A run "<stage> <label>" nested under the stage's open run (one per training replicate), so
+    each keeps its own loss curve; nothing when tracking is off."""
+    if not cfg.tracking.get("enabled", True):
+        yield
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=f"{stage} {label}", nested=True):
+        mlflow.set_tag("artmaster.stage", stage)
+        yield

@@ -44,10 +44,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from artmaster import flux_math
+from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
 from artmaster.files import read_jsonl, staged_dir, write_atomic
-from artmaster.tracking import stage_run
+from artmaster.tracking import child_run, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ CHECKPOINT_PREFIX = "step-"
 # resumable when only these differ. validation.num_samples and hold_out are not among them: they
 # decide which crops are trained on, hence the plan and the step count.
 RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation.every", "validation.sigmas", "log_every",
-                       "cpu_threads", "cudagraphs")
+                       "cudagraphs")
 
 
 def resume_identity(train_settings: dict) -> dict:
@@ -843,11 +843,23 @@ def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: i
 
 
 def run(cfg: DictConfig) -> dict:
-    """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA."""
+    """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA.
+    Each further replicate (`replicates.count`) trains the same recipe with its own seed."""
     accelerator = make_accelerator(cfg)
-    tracking = stage_run(cfg, "train", sections=("train", "model")) if accelerator.is_main_process else nullcontext()
+    is_main = accelerator.is_main_process
+    tracking = stage_run(cfg, "train", sections=("train", "model", "replicates")) if is_main else nullcontext()
     with tracking:
-        return train(cfg, accelerator, output_dir(cfg))
+        metrics = {}
+        for replicate, replicate_cfg in replicates.each(cfg):
+            child = child_run(cfg, "train", replicate.label) if is_main and not replicate.is_product else nullcontext()
+            with child:
+                result = train(replicate_cfg, accelerator, replicate.folder(output_dir(cfg)))
+            if replicate.is_product:
+                metrics = result
+            elif is_main:
+                metrics.setdefault("replicates", {})[replicate.label] = {
+                    key: result[key] for key in ("loss", "val_loss", "active_rank") if key in result}
+        return metrics
 
 
 def make_accelerator(cfg: DictConfig):
@@ -855,8 +867,6 @@ def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
 
     settings = cfg.train
-    if settings.cpu_threads:
-        torch.set_num_threads(int(settings.cpu_threads))
     use_cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     if not use_cpu:
         # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
