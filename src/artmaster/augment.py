@@ -43,7 +43,7 @@ from artmaster.generate import generate_images, image_grid, load_adapter, save_i
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
 from artmaster.train import scaled_size
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,8 @@ def run(cfg: DictConfig) -> dict:
         remove_stale(out, plan)
     processes.wait()  # no process writes a sample before the stale ones are gone
 
-    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate")) \
-        if processes.is_main else nullcontext()
+    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate"),
+                         label=f"round {settings.round}") if processes.is_main else nullcontext()
     with tracking, torch_threads(settings.cpu_threads):
         workers = Workers(cfg, crop_dir, crops, captions)
         share = processes.share(plan, "augment")
@@ -377,7 +377,8 @@ def run(cfg: DictConfig) -> dict:
             save_image_atomic(sheet, out / "contact_sheet.png")
             log_picture(out / "contact_sheet.png", "augment")
             mlflow.log_artifacts(str(out / "comparisons"), artifact_path="augment/pairs")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_summary({key: metrics[key] for key in ("accepted", "samples", "mean_style_gain") if metrics[key] is not None},
+                    details=metrics, note=f"Critic `{cfg.critic.name}`, refiner `{cfg.refine.name}`; samples in `{out}`.")
         mlflow.log_artifact(str(out / "samples.jsonl"), artifact_path="augment")
         mlflow.log_artifact(str(out / "metrics.json"), artifact_path="augment")
     log.info(

@@ -42,9 +42,10 @@ from PIL import Image
 
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
-from artmaster.tracking import stage_run
+from artmaster.tracking import log_summary, stage_run
 from artmaster.train import (RESUME_NEUTRAL_KEYS, Example, TrainSetup, make_accelerator, model_card, scaled_size,
                              train)
+from artmaster.train import headline as train_headline
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +204,7 @@ def _copy_folder(source: Path, target: Path) -> None:
 
 def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
-    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}")
                 if accelerator.is_main_process else nullcontext())
     with tracking:
         if accelerator.is_main_process:
@@ -288,6 +289,13 @@ def retrain_round(cfg: DictConfig, accelerator, r: int) -> dict:
     return summary
 
 
+def headline(metrics: dict) -> dict:
+    """A retrain round's (or the published result's) headline: the training loop's, plus how many
+    refined images it learned from."""
+    images = metrics.get("accepted_used_total", metrics.get("accepted_used"))
+    return {**train_headline(metrics), **({"refined_images": images} if images is not None else {})}
+
+
 def _loop_summary(metrics: dict) -> dict:
     keys = ("loss", "mse", "val_loss", "val_loss_first", "active_rank", "steps", "examples", "extra_examples",
             "crops_trained", "rank_total", "steps_per_second")
@@ -368,18 +376,20 @@ def run(cfg: DictConfig) -> dict:
     rounds = int(cfg.augment.rounds)
     publish_mode = str(settings.publish).lower()
     if publish_mode == "only":
-        with stage_run(cfg, "retrain", sections=("retrain", "augment")):
+        with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}"):
             import mlflow
 
             metrics = publish(cfg)
             mlflow.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
                              "artmaster.round": str(rounds - 1)})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            log_summary(headline(metrics), details=metrics, folder=stage_dir(cfg, "retrain"),
+                        note=f"Published round {rounds - 1} of {rounds} ({settings.mode}) as "
+                             f"`{stage_dir(cfg, 'retrain') / 'lora'}`, the augmented adapter evaluate reads.")
             mlflow.log_artifacts(str(stage_dir(cfg, "retrain") / "lora"), artifact_path="lora")
         return metrics
     accelerator = make_accelerator(recipe_config(cfg))
     is_main = accelerator.is_main_process
-    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}")
                 if is_main else nullcontext())
     with tracking:
         summary = retrain_round(cfg, accelerator, r)
@@ -388,7 +398,9 @@ def run(cfg: DictConfig) -> dict:
 
             mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
                              "artmaster.retrain_phase": "round"})
-            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
+            log_summary(headline(summary), details=summary, folder=round_dir(cfg, r),
+                        note=f"ArtAug round {r} ({settings.mode}): {summary['accepted_used']} accepted refined "
+                             "image(s) from augment; the nested run holds the training loop.")
             mlflow.log_artifacts(str(round_dir(cfg, r) / "lora"), artifact_path="lora")
             mlflow.log_artifact(str(round_dir(cfg, r) / "metrics.json"))
             if publish_mode == "auto" and r == rounds - 1:
