@@ -33,7 +33,7 @@ def record_an_evaluation(cfg, folder: Path) -> None:
     Image.new("RGB", (64, 32), "white").save(folder / "grid.png")
     (folder / "summary.md").write_text("| model | style_score |\n|---|---|\n| adapter | -4.1 |\n", encoding="utf-8")
     with stage_run(cfg, "evaluate", sections=()):
-        log_summary({"adapter_vs_base": 0.336})
+        log_summary({"adapter_gain": 0.336})
         mlflow.log_artifact(str(folder / "summary.md"), artifact_path="evaluate")
         log_picture(folder / "grid.png", "evaluate")
 
@@ -54,8 +54,8 @@ def test_review_notebook_executes_against_a_tiny_run(assets, tmp_path, monkeypat
     assert grids >= 2, text
     assert "run evaluate: 1 evaluation pictures" in text, text
     html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
-    assert "train r=8" in html and "final/loss" in html  # runs table: names and headline columns
-    assert "adapter_vs_base" in html  # the evaluation's headline
+    assert "train r=8" in html and "result/loss" in html  # runs table: names and headline columns
+    assert "adapter_gain" in html  # the evaluation's headline
     markdown = "".join(o["data"]["text/markdown"] for o in outputs(notebook, "text/markdown"))
     assert "| adapter | -4.1 |" in markdown
     # loss curves, each sample grid, the rank heatmap, the evaluation grid

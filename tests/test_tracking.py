@@ -31,7 +31,7 @@ def test_flatten_uses_dotted_keys():
 def test_experiment_opens_as_model_training_and_runs_say_what_they_did(make_cfg, tmp_path):
     """MLflow 3's UI opens an experiment tagged custom_model_development on its runs table; a run is
     named by stage and label, described by its stage and command, and its summary goes to
-    headline.json, `final/*` metrics and a table in the description (not a chart per number)."""
+    headline.json, `result/*` metrics and a table in the description (not a chart per number)."""
     cfg = make_cfg("crop=default")
     with stage_run(cfg, "train", sections=("seed",), label="r=8 lr=1e-2") as run:
         headline = log_summary({"loss": 0.123456789, "ranks": 352}, details={"steps": 240, "val_loss": 0.2},
@@ -44,7 +44,7 @@ def test_experiment_opens_as_model_training_and_runs_say_what_they_did(make_cfg,
     description = logged.data.tags["mlflow.note.content"]
     assert description.startswith("Stage `train`: AdaLoRA fine-tuning") and "`artmaster train`" in description
     assert "| loss | 0.1235 |" in description and "| steps | 240 |" in description and "240 steps." in description
-    assert logged.data.metrics == {"final/loss": 0.1235, "final/ranks": 352.0}
+    assert logged.data.metrics == {"result/loss": 0.1235, "result/ranks": 352.0}
     assert headline == {"loss": 0.1235, "ranks": 352}
     assert json.loads((tmp_path / "headline.json").read_text()) == headline
 

@@ -53,7 +53,7 @@ from scipy.spatial.distance import pdist
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
-from artmaster.generate import generate_images, torch_threads
+from artmaster.generate import generate_images, load_adapter, torch_threads
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
 from artmaster.processes import Processes
 from artmaster.tracking import log_picture, log_summary, stage_run
@@ -286,7 +286,7 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     for spec in specs:
         started = time.perf_counter()
         if spec.adapter is not None:
-            pipe.load_lora_weights(str(spec.adapter), use_safetensors=True)  # never a pickle
+            load_adapter(pipe, spec.adapter)  # safetensors only, never a pickle
         try:
             images = generate_images(
                 pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
@@ -404,10 +404,11 @@ SUMMARY_COLUMNS = {
 
 def headline(metrics: dict) -> dict:
     """The few numbers `dvc metrics show` and the MLflow runs table show for an evaluation (data/
-    evaluate/headline.json): each model's paired style difference from `compare_to`, and the
-    `evaluate.pairs` differences; every other number stays in metrics.json."""
-    gains = {f"{name}_vs_{metrics['compare_to']}": entry["vs_baseline"]["mean_difference"]
-             for name, entry in metrics["models"].items() if "vs_baseline" in entry}
+    evaluate/headline.json): `<model>_gain`, the mean paired style_score difference from
+    `compare_to` of each model that carries an adapter, and the `evaluate.pairs` differences
+    (`augmented_vs_adapter`); every other number stays in metrics.json."""
+    gains = {f"{name}_gain": entry["vs_baseline"]["mean_difference"]
+             for name, entry in metrics["models"].items() if "vs_baseline" in entry and entry.get("adapter")}
     return {**gains, **{name: c["mean_difference"] for name, c in metrics.get("comparisons", {}).items()}}
 
 

@@ -71,13 +71,16 @@ def load_adapter(pipe, adapter: str | Path, fuse: bool = False) -> None:
     A kohya / ComfyUI file (`lora_unet_*` keys) goes through our exact converter, which takes the
     layer widths from this model (diffusers' own converter assumes FLUX.1-dev's)."""
     from artmaster.adalora import diffusers_state_dict, is_kohya_file, read_kohya
+    from artmaster.models import quiet_loggers
 
-    if is_kohya_file(adapter):
-        widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
-                  if isinstance(module, torch.nn.Linear)}
-        pipe.load_lora_weights(diffusers_state_dict(read_kohya(adapter, widths)))
-    else:
-        pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
+    # our LoRAs adapt the transformer only: diffusers' "No LoRA keys associated to CLIPTextModel" is noise
+    with quiet_loggers("diffusers.loaders.lora_base"):
+        if is_kohya_file(adapter):
+            widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+            pipe.load_lora_weights(diffusers_state_dict(read_kohya(adapter, widths)))
+        else:
+            pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
     if fuse:
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers

@@ -104,29 +104,10 @@ def build_random_pipeline(model_cfg: DictConfig, with_text_encoders: bool = True
     )
 
 
-# diffusers' FLUX pipeline warns once per prompt it truncates, and the tokenizer once about "indexing
-# errors" the pipeline avoids by truncating: `truncation_reported` says it once, with counts.
-_PER_PROMPT_LOGGERS = ("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base")
-
-
 @contextmanager
-def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_length: int, stage: str,
-                        report: bool = True) -> Iterator[None]:
-    """Encode inside this block: diffusers' per-prompt truncation warnings are silenced, and one
-    line says how many of `texts` the T5 encoder cuts at `max_sequence_length` tokens (and CLIP at
-    its 77, which only gives the pooled vector, as in FLUX.1-dev)."""
-    texts = list(dict.fromkeys(texts))
-    t5 = [len(ids) for ids in pipe.tokenizer_2(texts, truncation=False).input_ids] if texts and pipe.tokenizer_2 else []
-    clip = [len(ids) for ids in pipe.tokenizer(texts, truncation=False).input_ids] if texts and pipe.tokenizer else []
-    cut = sum(n > max_sequence_length for n in t5)
-    if cut and report:
-        log.warning(
-            "%s: %d of %d captions/prompts are longer than model.max_sequence_length=%d T5 tokens (median %d, "
-            "longest %d) and are cut there; CLIP reads the first %d tokens of %d of them. Raise "
-            "model.max_sequence_length or shorten the captions to keep every word.",
-            stage, cut, len(texts), max_sequence_length, sorted(t5)[len(t5) // 2], max(t5),
-            pipe.tokenizer.model_max_length, sum(n > pipe.tokenizer.model_max_length for n in clip))
-    loggers = [logging.getLogger(name) for name in _PER_PROMPT_LOGGERS]
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers inside the block (library notices a stage reports itself)."""
+    loggers = [logging.getLogger(name) for name in names]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
@@ -135,6 +116,28 @@ def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_lengt
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+
+
+@contextmanager
+def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_length: int, stage: str,
+                        report: bool = True) -> Iterator[None]:
+    """Encode inside this block: one line says how many of `texts` the T5 encoder cuts at
+    `max_sequence_length` tokens (and CLIP at its 77, which only gives the pooled vector, as in
+    FLUX.1-dev), instead of diffusers' warning for every prompt it truncates and the tokenizer's
+    about "indexing errors" that the pipeline's truncation avoids."""
+    with quiet_loggers("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base"):
+        texts = list(dict.fromkeys(texts))
+        t5 = [len(ids) for ids in pipe.tokenizer_2(texts, truncation=False).input_ids] if texts and pipe.tokenizer_2 else []
+        clip = [len(ids) for ids in pipe.tokenizer(texts, truncation=False).input_ids] if texts and pipe.tokenizer else []
+        cut = sum(n > max_sequence_length for n in t5)
+        if cut and report:
+            log.warning(
+                "%s: %d of %d distinct captions/prompts are longer than model.max_sequence_length=%d T5 tokens "
+                "(median %d, longest %d) and are cut there; CLIP reads the first %d tokens of %d of them. Raise "
+                "model.max_sequence_length or shorten the captions to keep every word.",
+                stage, cut, len(texts), max_sequence_length, sorted(t5)[len(t5) // 2], max(t5),
+                pipe.tokenizer.model_max_length, sum(n > pipe.tokenizer.model_max_length for n in clip))
+        yield
 
 
 def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:

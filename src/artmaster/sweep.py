@@ -119,13 +119,13 @@ def sweep_points(overrides: list[str]) -> int:
 
 def summary_rows(children: list) -> list[dict]:
     """One row per child run: the parameters that vary across children, then its headline metrics
-    (`final/*`, what the stage's `log_summary` logged, else every metric's latest value)."""
+    (`result/*`, what the stage's `log_summary` logged, else every metric's latest value)."""
     params = [run.data.params for run in children]
     varying = sorted({k for p in params for k in p if len({q.get(k) for q in params}) > 1})
     rows = []
     for run, run_params in zip(children, params):
         metrics = run.data.metrics
-        final = {k: v for k, v in metrics.items() if k.startswith("final/")} or metrics
+        final = {k: v for k, v in metrics.items() if k.startswith("result/")} or metrics
         rows.append({
             "run": run.info.run_name,
             "status": run.info.status,

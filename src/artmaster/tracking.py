@@ -58,7 +58,7 @@ EXPERIMENT_TAGS = {
         "ArtMaster: one run per pipeline stage (`dvc repro`, or `artmaster <stage>` by hand), named by what "
         "distinguishes it (`train r=8 lr=1e-2`, `retrain round 0`); sweeps (`artmaster train -m ...`) are a "
         "parent run `sweep train (N points)` with one child per point. Each run's description says what the "
-        "stage did and lists its summary numbers; its headline numbers are the `final/*` metrics, the same "
+        "stage did and lists its summary numbers; its headline numbers are the `result/*` metrics, the same "
         "ones `dvc metrics show` prints."
     ),
 }
@@ -165,7 +165,7 @@ def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "
     - `folder/headline.json` (when `folder` is given): the stage's handful of numbers; dvc.yaml
       declares these files as the pipeline's metrics, so `dvc metrics show` fits a terminal while
       every other number stays in the stage's own JSON files;
-    - the same numbers as MLflow metrics `final/<name>` (runs-table columns, one small chart section);
+    - the same numbers as MLflow metrics `result/<name>` (runs-table columns, one small chart section);
     - the run's description: what the stage did (`note`) and a table of `details` (every summary
       number), instead of one single-bar chart per number.
     Returns the rounded headline."""
@@ -176,7 +176,7 @@ def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "
     rounded = headline_values(headline)
     if folder is not None:
         write_atomic(Path(folder) / HEADLINE_FILE, json.dumps(rounded, indent=2) + "\n")
-    mlflow.log_metrics({f"final/{key}": float(value) for key, value in rounded.items()})
+    mlflow.log_metrics({f"result/{key}": float(value) for key, value in rounded.items()})
     run = mlflow.active_run()
     if run is not None:
         current = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")

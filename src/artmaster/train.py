@@ -670,11 +670,12 @@ def sample_grid(samples: list[tuple[str, int, Image.Image]], step: int) -> Image
     return labelled_grid(rows, [f"seed {seed}" for seed in seeds], title=f"samples at step {step}")
 
 
-# MLflow names of the logged rows: grouped by prefix, so the run page shows the loss section first
-# and keeps optimizer and AdaLoRA curves apart (loss.csv keeps the plain column names)
-METRIC_NAMES = {"loss": "loss/train", "val_loss": "loss/val", "mse": "loss/mse", "orthogonal": "loss/orthogonal",
-                "grad_norm": "optim/grad_norm", "lr": "optim/lr", "rank_budget": "rank/budget",
-                "active_rank": "rank/active"}
+# MLflow names of the logged rows. MLflow's run page shows one chart section per prefix, sections
+# in alphabetical order: `loss` (train and val only) comes first, then the loss's two terms, the
+# optimizer, AdaLoRA's ranks and `result` (log_summary's headline). loss.csv keeps the plain names.
+METRIC_NAMES = {"loss": "loss/train", "val_loss": "loss/val", "mse": "objective/mse",
+                "orthogonal": "objective/orthogonal", "grad_norm": "optim/grad_norm", "lr": "optim/lr",
+                "rank_budget": "rank/budget", "active_rank": "rank/active"}
 
 
 def mlflow_metrics(row: dict) -> dict[str, float]:
@@ -1140,7 +1141,7 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
 
 def headline(metrics: dict) -> dict:
     """The numbers `dvc metrics show` and the MLflow runs table show for a training run."""
-    names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total", "steps/s": "steps_per_second"}
+    names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total"}
     return {name: metrics[key] for name, key in names.items() if key in metrics}
 
 
@@ -1180,7 +1181,7 @@ chosen during training) and folded exactly into plain LoRA: every module has its
   names, `alpha` = rank): ComfyUI's LoRA loader, kohya sd-scripts and Forge on FLUX.1-dev, and
   `artmaster generate --adapter <this file>` on any model size (its converter reads the layer widths
   from the model). diffusers' own kohya converter loads it only on FLUX.1-dev-sized models (it
-  hard-codes FLUX.1-dev's layer widths); on the tiny demo model use the diffusers file.
+  hard-codes FLUX.1-dev's layer widths): with diffusers on the tiny demo model, load the diffusers file.
 
 ## Ranks
 {len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
