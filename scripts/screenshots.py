@@ -215,6 +215,10 @@ def take_mlflow(browser: Browser, store: Store, out: Path) -> None:
     time.sleep(4)
     browser.shot(out / "mlflow_train_charts.jpg")
     browser.scroll_to_text("prompt 0 seed 0")
+    # the cards list the run's params above each picture: bring the pictures themselves into view
+    browser.js("(() => { const img = [...document.querySelectorAll('img')].find(i => "
+               "i.src.includes('prompt%200%20seed%200')); if (img) img.scrollIntoView({block: 'center'}); })()")
+    time.sleep(4)
     browser.shot(out / "mlflow_train_images.jpg")
     browser.open(store.url(f"/runs/{sweep_id}?workflowType=machine_learning"), settle=2)
     browser.wait_text("Points", 90)

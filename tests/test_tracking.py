@@ -63,3 +63,17 @@ def test_sweep_names_come_from_the_overrides():
     assert short_overrides(["train.optim.lr=1e-4", "base.lr=2"]) == "train.optim.lr=1e-4 base.lr=2"
     assert sweep_points(["train.adalora.target_r=4,8", "train.optim.lr=1e-4,2e-4", "seed=1"]) == 4
     assert sweep_points(["train.epochs=range(1,4)"]) == 3
+
+
+def test_model_shape_and_fixed_lists_go_to_config_yaml_not_params(make_cfg):
+    """MLflow prints every param on each image card: the architecture and sample prompts stay in
+    the run's config.yaml, the recipe stays as params."""
+    cfg = make_cfg()
+    with stage_run(cfg, "train", sections=("train", "model")) as run:
+        pass
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    params = client.get_run(run.info.run_id).data.params
+    assert params["train.optim.lr"] == str(cfg.train.optim.lr) and "model.max_sequence_length" in params
+    assert not any(key.startswith(("model.architecture.", "train.samples.")) for key in params)
+    assert len(params) < 60
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}

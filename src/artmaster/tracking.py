@@ -296,11 +296,34 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
             }
         )
         describe(f"{_stage_summary(stage)}\n\n`{_command(stage)}`".strip())
-        params = flatten(read)
+        mlflow.log_dict(read, "config.yaml")  # every setting the stage read, as composed
+        params = run_params(read, _overridden_keys())
         items = list(params.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))
         yield run
+
+
+# Settings that describe the model's shape or fixed lists rather than a run's recipe: kept in the
+# run's config.yaml, not as params. MLflow prints every param of a run on each of its image cards
+# (and offers each as a runs-table column), so 100+ params push the pictures out of sight.
+QUIET_PARAMS = ("model.architecture.", "train.samples.", "train.checkpoint.", "train.validation.", "train.export.",
+                "train.resume", "train.log_every", "augment.prompts", "evaluate.prompts", "evaluate.models",
+                "caption.template.", "crop.border.", "crop.ink.", "crop.score.", "evaluate.metrics.")
+
+
+def run_params(read: Mapping, overridden: set[str] = frozenset()) -> dict[str, str]:
+    """The params a stage run logs: its config sections flattened, less QUIET_PARAMS unless an
+    override set them (a sweep's keys always show)."""
+    return {key: value for key, value in flatten(read).items()
+            if key in overridden or not key.startswith(QUIET_PARAMS)}
+
+
+def _overridden_keys() -> set[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
 
 
 def log_picture(path: Path, artifact_dir: str = "pictures") -> None:
