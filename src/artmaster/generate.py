@@ -78,7 +78,8 @@ def load_adapter(pipe, adapter: str | Path, fuse: bool = False) -> None:
         if is_kohya_file(adapter):
             widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
                       if isinstance(module, torch.nn.Linear)}
-            pipe.load_lora_weights(diffusers_state_dict(read_kohya(adapter, widths)))
+            # read by safetensors (read_kohya), handed over as tensors
+            pipe.load_lora_weights(diffusers_state_dict(read_kohya(adapter, widths)), use_safetensors=True)
         else:
             pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
     if fuse:
