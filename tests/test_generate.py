@@ -146,3 +146,61 @@ def test_cli_loads_the_kohya_file_like_the_diffusers_file(tiny_folder, tmp_path)
     assert {n: r for n, r in back.ranks.items() if r} == {n: r for n, r in ranks.items() if r}
     for name in lora_A:
         torch.testing.assert_close(back.lora_B[name] @ back.lora_A[name], lora_B[name] @ lora_A[name])
+
+
+def _lora_with_ranks_per_module(transformer, folder) -> None:
+    """A random plain LoRA on the attention + MLP set whose ranks differ between modules, as the
+    train stage exports AdaLoRA adapters (alpha = rank)."""
+    import re
+
+    from artmaster.adalora import ExportedLora, save_lora, target_modules_regex
+
+    pattern = re.compile(target_modules_regex("attention_mlp"))
+    g = torch.Generator().manual_seed(2)
+    lora_A, lora_B, ranks, out_features = {}, {}, {}, {}
+    for index, (name, module) in enumerate(transformer.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            out_features[name] = module.out_features
+            if pattern.fullmatch(name):
+                ranks[name] = 2 + index % 4
+                lora_A[name] = 0.3 * torch.randn(ranks[name], module.in_features, generator=g)
+                lora_B[name] = 0.3 * torch.randn(module.out_features, ranks[name], generator=g)
+    save_lora(ExportedLora(lora_A, lora_B, ranks, out_features), folder, base_model="tiny", trigger="zxh",
+              metadata={}, kohya=False)
+
+
+def test_a_folded_adapter_paints_like_the_loaded_one_keeps_one_graph_and_restores_the_base(make_cfg, tmp_path):
+    """`adapter_applied(fold=True)` (evaluate under model.fuse_lora): the same images as the LoRA
+    loaded unmerged, the base weights bit for bit afterwards, and compiled blocks keep their one
+    graph per block class, where the unmerged LoRA's per-module ranks make torch.compile trace anew."""
+    from artmaster.generate import adapter_applied
+    from artmaster.models import compile_blocks, uncompile_blocks
+
+    pipe = build_random_pipeline(make_cfg().model)
+    _lora_with_ranks_per_module(pipe.transformer, tmp_path / "lora")
+    weights = {name: param.detach().clone() for name, param in pipe.transformer.named_parameters()}
+    kwargs = dict(height=64, width=64, steps=2, guidance=1.0, max_sequence_length=16, batch_size=2)
+
+    def paint():
+        return np.stack([np.asarray(image, np.int16) for image in generate_images(pipe, ["mist", "cat"], [0, 1], **kwargs)])
+
+    base = paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=False):
+        loaded = paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=True):
+        folded = paint()
+    assert np.abs(loaded - base).max() > 10, "the adapter changed nothing"
+    assert np.abs(folded - loaded).max() <= 2
+    assert all(torch.equal(param, weights[name]) for name, param in pipe.transformer.named_parameters())
+
+    graphs = []
+    compile_blocks(pipe.transformer, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=False)
+    paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=True):
+        paint()
+    assert len(graphs) == 2
+    with adapter_applied(pipe, tmp_path / "lora", fold=False):
+        paint()
+    assert len(graphs) > 2
+    uncompile_blocks(pipe.transformer)
+    torch._dynamo.reset()

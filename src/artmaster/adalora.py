@@ -120,7 +120,13 @@ def adalora_config(adalora_cfg: DictConfig, total_step: int) -> AdaLoraConfig:
 def wrap_with_adalora(transformer: torch.nn.Module, adalora_cfg: DictConfig, total_step: int) -> PeftModel:
     """The transformer with AdaLoRA adapters, through `get_peft_model` (add_adapter and
     inject_adapter_in_model drop the AdaLoraModel that owns the rank allocator)."""
-    return get_peft_model(transformer, adalora_config(adalora_cfg, total_step))
+    model = get_peft_model(transformer, adalora_config(adalora_cfg, total_step))
+    # On a bf16 model peft re-creates each layer's `ranknum` (the rank AdaLoRA divides the update
+    # by) as an fp32 Parameter that requires grad: it is a constant, never a trainable weight.
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
+    return model
 
 
 # --------------------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ from scipy.spatial.distance import pdist
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
-from artmaster.generate import generate_images, load_adapter, torch_threads
+from artmaster.generate import adapter_applied, generate_images, torch_threads
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
 from artmaster.processes import Processes
 from artmaster.tracking import log_picture, log_summary, stage_run
@@ -285,17 +285,13 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     results = []
     for spec in specs:
         started = time.perf_counter()
-        if spec.adapter is not None:
-            load_adapter(pipe, spec.adapter)  # safetensors only, never a pickle
-        try:
+        # model.fuse_lora: folded into the weights, as augment and generate paint (one compiled graph)
+        with adapter_applied(pipe, spec.adapter, fold=bool(cfg.model.get("fuse_lora", False))):
             images = generate_images(
                 pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
                 height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
                 max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
             )
-        finally:
-            if spec.adapter is not None:
-                pipe.unload_lora_weights()
         results.append(Generated(spec, processes.gather(images), time.perf_counter() - started))
         log.info("evaluate: %s painted %d images in %.1f s", spec.name, len(images), results[-1].seconds)
     return results, decoded

@@ -87,6 +87,38 @@ def load_adapter(pipe, adapter: str | Path, fuse: bool = False) -> None:
         pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers
 
 
+@contextmanager
+def adapter_applied(pipe, adapter: str | Path | None, fold: bool = False) -> Iterator[None]:
+    """Inside the `with`, the pipeline's transformer with `adapter` (a diffusers LoRA folder; None:
+    the base model); after it, the base model exactly as before. Loaded as LoRA layers, or with
+    `fold` folded into the weights as `load_adapter(fuse=True)` does (the adapted layers' exact
+    weights are kept on the CPU and put back): one pass of the bare model per step, and compiled
+    blocks keep one graph (unfolded, each module's own rank is a new shape for torch.compile)."""
+    if adapter is None:
+        yield
+        return
+    load_adapter(pipe, adapter)
+    if not fold:
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    originals = {name: module.get_base_layer().weight.detach().to("cpu", copy=True)
+                 for name, module in pipe.transformer.named_modules() if isinstance(module, BaseTunerLayer)}
+    try:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
+        yield
+    finally:
+        pipe.unload_lora_weights()  # a no-op unless fusing failed half-way
+        with torch.no_grad():
+            for name, weight in originals.items():
+                pipe.transformer.get_submodule(name).weight.copy_(weight)
+
+
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
                     steps: int, guidance: float, max_sequence_length: int, batch_size: int = 4,
                     embedding_cache: EmbeddingCache | None = None) -> list[Image.Image]:

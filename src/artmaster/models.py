@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
@@ -193,23 +194,66 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
 def compile_blocks(transformer: torch.nn.Module, **options) -> int:
     """Regional compilation: `torch.compile` each repeated transformer block in place, never the
     whole model. Blocks of one class share their compiled code (19 double + 38 single blocks at
-    FLUX.1-dev size compile two graphs, not 57), and layers injected later (peft LoRA/AdaLoRA)
-    are traced into it on the first call. Compilation is lazy: nothing happens until a forward.
-    Returns the number of blocks compiled."""
-    blocks = [m for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    FLUX.1-dev size compile two graphs per input shape, not 57), and layers injected later (peft
+    LoRA/AdaLoRA) are traced into it on the first call. Compilation is lazy: nothing happens until
+    a forward. Returns the number of blocks compiled.
+
+    A single block returns views of its joint output, so the first single block would see
+    contiguous inputs (the last double block's outputs) and every later one views with the joint
+    sequence's strides: two graphs where one does. The last double block's outputs are therefore
+    handed on as views of one joint tensor too (one concatenation per forward)."""
+    blocks = transformer_blocks(transformer)
+    doubles = [block for block in blocks if type(block).__name__ == "FluxTransformerBlock"]
+    if doubles and not hasattr(doubles[-1], "_joint_views"):
+        doubles[-1]._joint_views = doubles[-1].register_forward_hook(_joint_views)
     for block in blocks:
         block.compile(**options)
     return len(blocks)
 
 
+@torch.compiler.disable  # runs between the compiled blocks, not as a graph of its own
+def _joint_views(module, args, output):
+    """(text, image) -> the same values as views of one (B, text + image, d) tensor, strided as
+    every single block's outputs are."""
+    text, image = output
+    joint = torch.cat([text, image], dim=1)
+    return joint[:, : text.shape[1]], joint[:, text.shape[1] :]
+
+
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
     """Undo `compile_blocks`: the blocks run eagerly again (compiled code stays cached)."""
-    for module in transformer.modules():
-        if type(module).__name__ in BLOCK_CLASSES:
-            module._compiled_call_impl = None
+    for block in transformer_blocks(transformer):
+        block._compiled_call_impl = None
+        if hasattr(block, "_joint_views"):
+            block._joint_views.remove()
+            del block._joint_views
 
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, in the order the forward calls them."""
+    return [module for module in transformer.modules() if type(module).__name__ in BLOCK_CLASSES]
+
+
+def enable_checkpointing(transformer, fraction: float = 1.0) -> int:
+    """Non-reentrant activation checkpointing (AdaLoRA needs every gradient) of `fraction` of the
+    blocks, evenly spaced in call order: 1.0 is diffusers' own (every block); less keeps the other
+    blocks' activations, trading memory for the recomputed forwards. Returns the blocks checkpointed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train.gradient_checkpointing_fraction={fraction}: expected a fraction in (0, 1]")
+    blocks = transformer_blocks(transformer)
+    count = max(1, round(fraction * len(blocks)))
+    chosen = {id(blocks[i * len(blocks) // count]) for i in range(count)}
+
+    def checkpoint_chosen(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_chosen)
+    return count
 
 
 @contextmanager
@@ -218,7 +262,7 @@ def eager_blocks(transformer: torch.nn.Module):
     recompile). Blocks compiled with CUDA graphs (mode reduce-overhead) train fine, but inference
     through them fails: the blocks share one graph, so the next block's replay overwrites the
     output the residual still reads."""
-    saved = [(m, m._compiled_call_impl) for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    saved = [(m, m._compiled_call_impl) for m in transformer_blocks(transformer)]
     for module, _ in saved:
         module._compiled_call_impl = None
     try:

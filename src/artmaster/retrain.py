@@ -43,7 +43,7 @@ from PIL import Image
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
 from artmaster.tracking import log_summary, stage_run
-from artmaster.train import (RESUME_NEUTRAL_KEYS, Example, TrainSetup, make_accelerator, model_card, scaled_size,
+from artmaster.train import (Example, TrainSetup, make_accelerator, model_card, resume_identity, scaled_size,
                              train)
 from artmaster.train import headline as train_headline
 
@@ -146,7 +146,7 @@ def round_fingerprint(cfg: DictConfig, r: int, pairs: list[dict]) -> str:
     return params_hash({
         "mode": str(cfg.retrain.mode),
         "refined_repeats": int(cfg.retrain.refined_repeats),
-        "train": {k: v for k, v in recipe.items() if k not in RESUME_NEUTRAL_KEYS},
+        "train": resume_identity(recipe),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
         "start": _digest(_folder_files(start_folder(cfg, r)), start_folder(cfg, r)),

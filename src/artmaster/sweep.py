@@ -30,12 +30,12 @@ class SweepTracking(Callback):
         self.description = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.get("enabled", True):  # tracking.enabled=false: no parent run either
+            return
         import mlflow
 
         from artmaster.tracking import check_store, experiment_id_for, tracking_uri
 
-        if not config.tracking.get("enabled", True):  # tracking.enabled=false: no parent run either
-            return
         check_store(tracking_uri(config), float(config.tracking.get("timeout_s") or 10))
         mlflow.set_tracking_uri(tracking_uri(config))
         self.sweep_dir = Path(config.hydra.sweep.dir)

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -177,7 +178,7 @@ def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "
     if folder is not None:
         write_atomic(Path(folder) / HEADLINE_FILE, json.dumps(rounded, indent=2) + "\n")
     mlflow.log_metrics({f"result/{key}": float(value) for key, value in rounded.items()})
-    run = mlflow.active_run()
+    run = mlflow.active_run() if hasattr(mlflow, "active_run") else None  # None: tracking.enabled=false
     if run is not None:
         current = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
         parts = [current.split("\n\n**Results**")[0], "**Results**", note,
@@ -243,17 +244,23 @@ _LOGGERS = ("log_metric", "log_metrics", "log_param", "log_params", "log_artifac
 
 
 @contextmanager
-def _untracked(mlflow, stage: str) -> Iterator[None]:
-    """`tracking.enabled=false`: the stage's mlflow.log_* / set_tag(s) calls do nothing."""
+def _untracked(stage: str) -> Iterator[None]:
+    """`tracking.enabled=false`: inside the `with`, `import mlflow` gives a stand-in whose log_* and
+    set_tag(s) do nothing, so the stages' calls record nothing and a machine without mlflow
+    installed (a GPU box) runs every stage; the real module, if it was imported, comes back after."""
     print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
-    saved = {name: getattr(mlflow, name) for name in _LOGGERS if hasattr(mlflow, name)}
-    for name in saved:
-        setattr(mlflow, name, lambda *args, **kwargs: None)
+    stand_in = types.ModuleType("mlflow", "tracking.enabled=false: nothing is recorded")
+    for name in _LOGGERS:
+        setattr(stand_in, name, lambda *args, **kwargs: None)
+    saved = sys.modules.get("mlflow")
+    sys.modules["mlflow"] = stand_in
     try:
         yield
     finally:
-        for name, function in saved.items():
-            setattr(mlflow, name, function)
+        if saved is None:
+            sys.modules.pop("mlflow", None)
+        else:
+            sys.modules["mlflow"] = saved
 
 
 @contextmanager
@@ -266,12 +273,12 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
     checked first: TrackingUnavailable (naming the URI and the fix) before any work when it cannot
     be used. With `tracking.enabled=false` nothing is recorded and the run is None.
     """
-    import mlflow
-
     if not cfg.tracking.get("enabled", True):
-        with _untracked(mlflow, stage):
+        with _untracked(stage):
             yield None
         return
+    import mlflow
+
     uri = tracking_uri(cfg)
     try:
         check_store(uri, float(cfg.tracking.get("timeout_s") or 10))

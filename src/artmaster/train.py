@@ -29,6 +29,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -51,9 +52,23 @@ from artmaster.tracking import log_summary, stage_run
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
-# train keys that change neither the math nor the data order: a checkpoint stays resumable
-# when only these differ
-RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation", "log_every", "cpu_threads", "cudagraphs")
+# train keys (dotted: inside a group) that change neither the math nor the data: a checkpoint stays
+# resumable when only these differ. validation.num_samples and hold_out are not among them: they
+# decide which crops are trained on, hence the plan and the step count.
+RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation.every", "validation.sigmas", "log_every",
+                       "cpu_threads", "cudagraphs")
+
+
+def resume_identity(train_settings: dict) -> dict:
+    """The train settings without RESUME_NEUTRAL_KEYS: what a resumable checkpoint must share."""
+    kept = {key: dict(value) if isinstance(value, dict) else value for key, value in train_settings.items()}
+    for key in RESUME_NEUTRAL_KEYS:
+        group, _, name = key.partition(".")
+        if not name:
+            kept.pop(group, None)
+        elif isinstance(kept.get(group), dict):
+            kept[group].pop(name, None)
+    return kept
 
 
 # --- where outputs go ---------------------------------------------------------------------------
@@ -385,9 +400,12 @@ class FlowSettings:
     resolution_shift: bool
     orth_reg_weight: float
     model_dtype: torch.dtype  # the transformer's input dtype; the flow maths itself runs in fp32
+    # compiled blocks: the transformer's inputs require grad, so the first double block, like every
+    # later one, sees inputs that require grad and all share one graph (costs two tiny input-grad GEMMs)
+    inputs_require_grad: bool = False
 
 
-def flow_settings(cfg: DictConfig, transformer, vae_config) -> FlowSettings:
+def flow_settings(cfg: DictConfig, transformer, vae_config, inputs_require_grad: bool = False) -> FlowSettings:
     flow = cfg.train.flow
     return FlowSettings(
         vae_shift=float(vae_config.shift_factor or 0.0),
@@ -398,6 +416,7 @@ def flow_settings(cfg: DictConfig, transformer, vae_config) -> FlowSettings:
         resolution_shift=bool(flow.resolution_shift),
         orth_reg_weight=float(cfg.train.adalora.orth_reg_weight),
         model_dtype=transformer.dtype,
+        inputs_require_grad=inputs_require_grad,
     )
 
 
@@ -410,9 +429,13 @@ def flow_matching_loss(model, batch: Batch, flow: FlowSettings, generator: torch
     sigmas = flux_math.sample_sigmas(len(tokens), generator=generator, device=tokens.device,
                                      logit_mean=flow.logit_mean, logit_std=flow.logit_std, mu=mu)
     guidance = None if flow.guidance is None else flux_math.guidance_vector(flow.guidance, len(tokens), tokens.device)
+    noisy = flux_math.noisy_latents(tokens, noise, sigmas).to(flow.model_dtype)
+    prompt_embeds = batch.prompt_embeds
+    if flow.inputs_require_grad and torch.is_grad_enabled():
+        noisy, prompt_embeds = noisy.requires_grad_(), prompt_embeds.detach().requires_grad_()
     prediction = flux_math.predict_velocity(
-        model, flux_math.noisy_latents(tokens, noise, sigmas).to(flow.model_dtype), sigmas,
-        prompt_embeds=batch.prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
+        model, noisy, sigmas,
+        prompt_embeds=prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
         image_ids=batch.image_ids, txt_ids=batch.txt_ids, guidance=guidance,
     )
     return F.mse_loss(prediction.float(), flux_math.velocity_target(tokens, noise).float())
@@ -471,6 +494,7 @@ class TrainingState:
     # instead of backpropagating it with the loss: the same gradient without ~1700 autograd nodes
     direct_orthogonal: bool = False
     cudagraphs: bool = False  # blocks compiled with CUDA graphs (train.cudagraphs): mark each new iteration
+    compiled: bool = False  # blocks compiled for training (`compile_for_training`)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -478,16 +502,19 @@ class TrainingState:
 
 
 def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: int, accelerator) -> TrainingState:
-    """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA."""
+    """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA;
+    on CUDA the levers of docs/performance.md (LoRA branch, compiled blocks, CUDA graphs)."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    from artmaster import lora_branch
     from artmaster.adalora import FastRankAllocator, set_input_casting, wrap_with_adalora
+    from artmaster.models import enable_checkpointing
 
     settings = cfg.train
     transformer.requires_grad_(False)
-    if settings.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()  # non-reentrant: AdaLoRA needs every grad
+    if settings.gradient_checkpointing:  # non-reentrant: AdaLoRA needs every grad
+        enable_checkpointing(transformer, float(settings.get("gradient_checkpointing_fraction", 1.0)))
     set_seed(int(cfg.seed))  # the adapter's initial values come from the global RNG
     adapter = wrap_with_adalora(transformer, settings.adalora, total_step)
     named_params = [(name, param) for name, param in adapter.named_parameters() if param.requires_grad]
@@ -497,11 +524,8 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
         set_input_casting(adapter, False)  # autocast casts to bf16 anyway: skip peft's fp32 input copies
     optim = settings.optim
     on_cuda = all(param.is_cuda for _, param in named_params)
-    cudagraphs = bool(settings.get("cudagraphs", False)) and on_cuda
-    if cudagraphs:  # regional compile with CUDA graphs: no per-kernel launch cost (docs/performance.md)
-        from artmaster.models import compile_blocks
-
-        compile_blocks(transformer, mode="reduce-overhead")
+    lora_branch.configure(adapter, settings.get("lora_branch"), on_cuda)
+    compiled, cudagraphs = compile_for_training(cfg, transformer, on_cuda)
     fused = on_cuda if optim.fused == "auto" else bool(optim.fused)
     optimizer = torch.optim.AdamW(
         [param for _, param in named_params], lr=float(optim.lr), betas=tuple(optim.betas),
@@ -519,11 +543,28 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
     return TrainingState(
         accelerator=accelerator, model=model, adapter=adapter, named_params=named_params,
         optimizer=optimizer, scheduler=scheduler, allocator=allocator,
-        flow=flow_settings(cfg, transformer, vae_config),
+        flow=flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled),
         max_grad_norm=float(max_norm) if max_norm else math.inf, ema=ema,
         direct_orthogonal=_direct_orthogonal(settings.adalora.get("orth_gradient", "autograd"), on_cuda),
-        cudagraphs=cudagraphs,
+        cudagraphs=cudagraphs, compiled=compiled,
     )
+
+
+def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[bool, bool]:
+    """On CUDA, `model.compile` or `train.cudagraphs`: the blocks compiled (regionally) for training,
+    with CUDA graphs (mode reduce-overhead) when `train.cudagraphs`, one static graph per block class
+    and bucket shape. Gradient checkpointing recomputes a block's forward inside the backward, a
+    pattern not run with CUDA-graph replays yet: with it the blocks are compiled without graphs.
+    Returns (compiled, cudagraphs)."""
+    from artmaster.models import compile_blocks
+
+    cudagraphs = bool(cfg.train.get("cudagraphs", False)) and on_cuda and not cfg.train.gradient_checkpointing
+    setting = cfg.model.get("compile", False)
+    compiled = on_cuda and (cudagraphs or setting not in (False, None))
+    if compiled:
+        mode = "reduce-overhead" if cudagraphs else (None if setting is True else str(setting))
+        compile_blocks(transformer, dynamic=False, **({"mode": mode} if mode else {}))
+    return compiled, cudagraphs
 
 
 def _direct_orthogonal(mode: str, on_cuda: bool) -> bool:
@@ -764,6 +805,9 @@ def find_resume_checkpoint(folder: Path, resume: str, fingerprint: str) -> Path 
         path = Path(resume)
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (expected {path / 'meta.json'})")
+        if json.loads((path / "meta.json").read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+            raise ValueError(f"train.resume={resume}: that checkpoint is of another recipe, data, validation split "
+                             "or schedule than this run; resume=auto starts afresh")
         return path
     for path in reversed(list_checkpoints(folder)):
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
@@ -790,13 +834,17 @@ def load_checkpoint(path: Path, state: TrainingState, rank: int) -> tuple[int, l
     return int(meta["step"]), list(saved["history"])
 
 
-def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int, setup: dict | None = None) -> str:
-    """Identity of a run's math and data order: checkpoints resume only into the same recipe on
-    the same crops, captions and encoders (the cache file names are their content hashes), and,
-    for retrain, the same starting adapter and fused LoRAs (`TrainSetup.identity`)."""
-    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in RESUME_NEUTRAL_KEYS}
+def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int, setup: dict | None = None,
+                    plan: dict | None = None) -> str:
+    """Identity of a run's math, data and schedule: checkpoints resume only into the same recipe
+    on the same crops, captions and encoders (the cache file names are their content hashes), the
+    same trained crops per bucket and step count (`plan`), and, for retrain, the same starting
+    adapter and fused LoRAs (`TrainSetup.identity`)."""
+    train = resume_identity(OmegaConf.to_container(cfg.train, resolve=True))
     model = OmegaConf.to_container(cfg.model, resolve=True)
     identity = {"train": train, "model": model, "seed": cfg.seed, "world_size": world_size, "data": sample_files}
+    if plan is not None:
+        identity["plan"] = plan
     if setup:
         identity["setup"] = setup
     return params_hash(identity)
@@ -923,8 +971,14 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         if state.ema is not None:  # the average starts from the adapter continued
             state.ema = AdapterEMA(state.named_params, float(settings.ema.decay))
         if is_main:
-            print(f"train: continuing the adapter in {setup.init_adapter} ({sum(ranks.values())} ranks kept)")
-    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes, setup.identity())
+            # the model starts exactly at the saved adapter (masked triplets at zero); the schedule then
+            # runs again, so its warm-up may revive them (up to init_r per module) before the budget
+            # shrinks back to target_r: the new data can move ranks between modules
+            print(f"train: continuing the adapter in {setup.init_adapter} ({sum(ranks.values())} ranks kept; "
+                  "masked ranks may come back during the warm-up, then the budget shrinks to target_r again)")
+    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes, setup.identity(),
+                                  {"buckets": {f"{w}x{h}": ids for (w, h), ids in sorted(ids_by_size.items())},
+                                   "total_step": total_step})
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, str(settings.resume), fingerprint)
     start_step, history = 0, []
@@ -936,7 +990,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     if resume_from is None and is_main and checkpoints.exists():
         stale = list_checkpoints(checkpoints)
         if stale:
-            print(f"train: removing {len(stale)} checkpoint(s) of another recipe from {checkpoints}")
+            print(f"train: not resuming: the {len(stale)} checkpoint(s) in {checkpoints} are of another recipe, "
+                  "data, validation split or schedule; removed, training from step 0")
         shutil.rmtree(checkpoints)
     vset = validation_set(encodings, sorted(held), list(settings.validation.sigmas), int(cfg.seed), state.flow, device)
     if is_main:
@@ -955,6 +1010,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, 0, samples_dir, history)
     progress = tqdm(range(start_step + 1, total_step + 1), desc="train", unit="step", disable=not is_main,
                     initial=start_step, total=total_step)
+    rate = SteadyRate()
     for step in progress:
         micro_batches = [make_batch(encodings, ids) for ids in plan[(step - 1) * accumulation : step * accumulation]]
         generators = [seeded_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
@@ -966,17 +1022,21 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         if step % int(settings.log_every) == 0 or last:
             watch.check(accelerator, last_checkpoint)
             row = _log_row(state, window, step)
+            steps_per_second = rate.window(len(window))
             window = []
             history.append(row)
             if is_main:
                 import mlflow
 
                 mlflow.log_metrics(mlflow_metrics(row), step=step)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"])
+                progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"],
+                                     steps_per_s=f"{steps_per_second:.2f}")
         validate, sample = _due(step, settings.validation.every, last), _due(step, settings.samples.every, last)
         if is_main and (validate or sample):
-            evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, step, samples_dir, history,
-                                            validate=validate, sample=sample)
+            seconds = _evaluate(cfg, state, pipe, prompt_encodings, vset, step, samples_dir, history,
+                                validate=validate, sample=sample)
+            evaluation_seconds += seconds
+            rate.exclude(seconds)
         if _due(step, settings.checkpoint.every, last):
             watch.check(accelerator, last_checkpoint)
             rng_by_rank = _gather(accelerator, rng_states())
@@ -993,6 +1053,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         return {}
     steps_run = total_step - start_step
     metrics = _final_metrics(history, steps_run, loop_seconds - evaluation_seconds, total_step, len(examples))
+    metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds)
+    if rate.steady is not None:
+        metrics["steady_steps_per_second"] = rate.steady
     metrics["rank_checksums"] = checksums
     if setup != TrainSetup():
         metrics["extra_examples"] = len(extra)
@@ -1007,6 +1070,33 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
 
 
 # --- helpers of the stage ---------------------------------------------------------------------
+
+
+class SteadyRate:
+    """Optimizer steps per second between logged rows (each row's host sync makes a window's time
+    exact), validation and samples excluded. `steps_per_second` in metrics.json divides all steps by
+    all training time, compiling and CUDA-graph recording included; the median over windows,
+    `steady`, is the rate once those are done."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self._mark = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
+
+    def window(self, steps: int) -> float:
+        now = time.perf_counter()
+        busy = now - self._mark - self._excluded
+        self._mark, self._excluded = now, 0.0
+        if busy > 0:
+            self.rates.append(steps / busy)
+        return self.rates[-1] if self.rates else 0.0
+
+    @property
+    def steady(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
 
 
 def _due(step: int, every, last: bool) -> bool:
