@@ -125,7 +125,7 @@ class Browser:
         for kind in ("keyDown", "keyUp"):
             self.call("Input.dispatchKeyEvent", type=kind, key=name, code=name, windowsVirtualKeyCode=27)
 
-    def shot(self, path: Path, quality: int = 70, full_height: int | None = None) -> None:
+    def shot(self, path: Path, quality: int = 55, full_height: int | None = None) -> None:
         params = {"format": "jpeg", "quality": quality}
         if full_height:
             width = self.js("document.documentElement.clientWidth")
@@ -237,7 +237,7 @@ def take_files(browser: Browser, out: Path) -> None:
     report = ROOT / "data" / "evaluate" / "report.html"
     if report.is_file():
         browser.open(report.as_uri(), settle=3)
-        browser.shot(out / "evaluate_report.jpg", quality=55, full_height=min(1500, browser.js("document.body.scrollHeight")))
+        browser.shot(out / "evaluate_report.jpg", quality=45, full_height=min(1500, browser.js("document.body.scrollHeight")))
 
 
 def main() -> None:
