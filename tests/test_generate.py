@@ -109,6 +109,45 @@ def test_cli_names_a_missing_base_model(tmp_path, capsys):
     assert not (tmp_path / "g.png").exists()
 
 
+def test_cli_loads_the_kohya_file_like_the_diffusers_file(tiny_folder, tmp_path):
+    """`artmaster generate --adapter <trigger>_kohya.safetensors` on the tiny model, as the model
+    card tells a user: the same images as the diffusers file of that folder. The single blocks'
+    fused linear1 (q, k, v, MLP in) is where diffusers' own kohya converter stops on this model
+    size (it hard-codes FLUX.1-dev's widths); ours reads the widths from the model."""
+    from artmaster import adalora
+
+    pipe = load_pipeline(compose([f"model.path={tiny_folder}"]).model)
+    widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    inputs = {name: module.in_features for name, module in pipe.transformer.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    modules = [name for name in widths if name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+               and not name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear"))]
+    g = torch.Generator().manual_seed(0)
+    ranks = {name: (i % 4) for i, name in enumerate(modules)}  # 0..3: uneven, some modules without adapter
+    lora_A = {n: torch.randn(r, inputs[n], generator=g) * 0.5 for n, r in ranks.items() if r}
+    lora_B = {n: torch.randn(widths[n], r, generator=g) * 0.5 for n, r in ranks.items() if r}
+    paths = adalora.save_lora(adalora.ExportedLora(lora_A, lora_B, ranks, widths), tmp_path / "lora",
+                              base_model="tiny", trigger="zxh style", metadata={})
+    with pytest.raises(AssertionError):  # diffusers' converter on this model size, for the record
+        load_pipeline(compose([f"model.path={tiny_folder}"]).model).load_lora_weights(
+            tmp_path / "lora", weight_name=paths["kohya"].name)
+
+    args = ["misty mountains", "--count", "2", "--seed", "1", f"model.path={tiny_folder}", *SIZE]
+    assert cli("generate", [*args, "--out", str(tmp_path / "base.png")]) == 0
+    assert cli("generate", [*args, "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "diffusers.png")]) == 0
+    assert cli("generate", [*args, "--adapter", str(paths["kohya"]), "--out", str(tmp_path / "kohya.png")]) == 0
+    for seed in ("seed00001.png", "seed00002.png"):
+        kohya, diffusers = _array(tmp_path / "kohya" / seed), _array(tmp_path / "diffusers" / seed)
+        assert np.abs(kohya - diffusers).max() <= 1, f"the kohya file paints otherwise than the diffusers file ({seed})"
+        assert np.abs(kohya - _array(tmp_path / "base" / seed)).mean() > 1.0, "the adapter changed nothing"
+
+    back = adalora.read_kohya(paths["kohya"], widths)  # per-module ranks come back exactly
+    assert {n: r for n, r in back.ranks.items() if r} == {n: r for n, r in ranks.items() if r}
+    for name in lora_A:
+        torch.testing.assert_close(back.lora_B[name] @ back.lora_A[name], lora_B[name] @ lora_A[name])
+
+
 def _lora_with_ranks_per_module(transformer, folder) -> None:
     """A random plain LoRA on the attention + MLP set whose ranks differ between modules, as the
     train stage exports AdaLoRA adapters (alpha = rank)."""

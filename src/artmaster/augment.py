@@ -44,7 +44,7 @@ from artmaster.generate import generate_images, image_grid, load_adapter, save_i
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
 from artmaster.train import scaled_size
-from artmaster.tracking import child_run, log_picture, stage_run
+from artmaster.tracking import child_run, log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -340,8 +340,8 @@ def run(cfg: DictConfig) -> dict:
     round_out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
     training_reference = TrainingReference(cfg.evaluate.metrics, crop_dir, crops)
     processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate", "replicates")) \
-        if processes.is_main else nullcontext()
+    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate", "replicates"),
+                         label=f"round {settings.round}") if processes.is_main else nullcontext()
     metrics = {}
     with tracking:
         for replicate, replicate_cfg in replicates.each(cfg):
@@ -410,7 +410,8 @@ def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str
         save_image_atomic(sheet, out / "contact_sheet.png")
         log_picture(out / "contact_sheet.png", "augment")
         mlflow.log_artifacts(str(out / "comparisons"), artifact_path="augment/pairs")
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_summary({key: metrics[key] for key in ("accepted", "samples", "mean_style_gain") if metrics[key] is not None},
+                details=metrics, note=f"Critic `{cfg.critic.name}`, refiner `{cfg.refine.name}`; samples in `{out}`.")
     mlflow.log_artifact(str(out / "samples.jsonl"), artifact_path="augment")
     mlflow.log_artifact(str(out / "metrics.json"), artifact_path="augment")
     log.info("augment round %s (%s): %d/%d accepted, mean style gain %s -> %s",

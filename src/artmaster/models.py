@@ -11,7 +11,9 @@ CLIPTextModel, T5EncoderModel, FluxPipeline); only sizes and the origin of the w
 
 from __future__ import annotations
 
+import logging
 import string
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,6 +22,8 @@ import torch.utils.checkpoint
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -99,6 +103,42 @@ def build_random_pipeline(model_cfg: DictConfig, with_text_encoders: bool = True
         tokenizer_2=t5_tokenizer,
         transformer=transformer,
     )
+
+
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers inside the block (library notices a stage reports itself)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextmanager
+def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_length: int, stage: str,
+                        report: bool = True) -> Iterator[None]:
+    """Encode inside this block: one line says how many of `texts` the T5 encoder cuts at
+    `max_sequence_length` tokens (and CLIP at its 77, which only gives the pooled vector, as in
+    FLUX.1-dev), instead of diffusers' warning for every prompt it truncates and the tokenizer's
+    about "indexing errors" that the pipeline's truncation avoids."""
+    with quiet_loggers("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base"):
+        texts = list(dict.fromkeys(texts))
+        t5 = [len(ids) for ids in pipe.tokenizer_2(texts, truncation=False).input_ids] if texts and pipe.tokenizer_2 else []
+        clip = [len(ids) for ids in pipe.tokenizer(texts, truncation=False).input_ids] if texts and pipe.tokenizer else []
+        cut = sum(n > max_sequence_length for n in t5)
+        if cut and report:
+            log.warning(
+                "%s: %d of %d distinct captions/prompts are longer than model.max_sequence_length=%d T5 tokens "
+                "(median %d, longest %d) and are cut there; CLIP reads the first %d tokens of %d of them. Raise "
+                "model.max_sequence_length or shorten the captions to keep every word.",
+                stage, cut, len(texts), max_sequence_length, sorted(t5)[len(t5) // 2], max(t5),
+                pipe.tokenizer.model_max_length, sum(n > pipe.tokenizer.model_max_length for n in clip))
+        yield
 
 
 def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:

@@ -44,9 +44,10 @@ from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.replicates import Replicate
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
-from artmaster.tracking import child_run, stage_run
+from artmaster.tracking import child_run, log_summary, stage_run
 from artmaster.train import (Example, TrainSetup, make_accelerator, model_card, resume_identity, scaled_size,
                              train)
+from artmaster.train import headline as train_headline
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ def _copy_folder(source: Path, target: Path) -> None:
 
 def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
-    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}")
                 if accelerator.is_main_process else nullcontext())
     with tracking:
         if accelerator.is_main_process:
@@ -292,6 +293,13 @@ def retrain_round(cfg: DictConfig, accelerator, r: int, replicate: Replicate) ->
     summary["fingerprint"] = fingerprint
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
     return summary
+
+
+def headline(metrics: dict) -> dict:
+    """A retrain round's (or the published result's) headline: the training loop's, plus how many
+    refined images it learned from."""
+    images = metrics.get("accepted_used_total", metrics.get("accepted_used"))
+    return {**train_headline(metrics), **({"refined_images": images} if images is not None else {})}
 
 
 def _loop_summary(metrics: dict) -> dict:
@@ -387,18 +395,20 @@ def run(cfg: DictConfig) -> dict:
     rounds = int(cfg.augment.rounds)
     publish_mode = str(settings.publish).lower()
     if publish_mode == "only":
-        with stage_run(cfg, "retrain", sections=("retrain", "augment")):
+        with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}"):
             import mlflow
 
             metrics = publish(cfg)
             mlflow.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
                              "artmaster.round": str(rounds - 1)})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            log_summary(headline(metrics), details=metrics, folder=stage_dir(cfg, "retrain"),
+                        note=f"Published round {rounds - 1} of {rounds} ({settings.mode}) as "
+                             f"`{stage_dir(cfg, 'retrain') / 'lora'}`, the augmented adapter evaluate reads.")
             mlflow.log_artifacts(str(stage_dir(cfg, "retrain") / "lora"), artifact_path="lora")
         return metrics
     accelerator = make_accelerator(recipe_config(cfg))
     is_main = accelerator.is_main_process
-    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}")
                 if is_main else nullcontext())
     with tracking:
         if is_main:
@@ -412,9 +422,12 @@ def run(cfg: DictConfig) -> dict:
             with child:
                 result = retrain_round(replicate_cfg, accelerator, r, replicate)
                 if is_main:
-                    mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
-                    mlflow.log_artifacts(str(round_dir(cfg, r, replicate) / "lora"), artifact_path="lora")
-                    mlflow.log_artifact(str(round_dir(cfg, r, replicate) / "metrics.json"))
+                    folder = round_dir(cfg, r, replicate)
+                    log_summary(headline(result), details=result, folder=folder,
+                                note=f"ArtAug round {r} ({settings.mode}, {replicate.label}): {result['accepted_used']} "
+                                     "accepted refined image(s) from augment; the nested run holds the training loop.")
+                    mlflow.log_artifacts(str(folder / "lora"), artifact_path="lora")
+                    mlflow.log_artifact(str(folder / "metrics.json"))
             if replicate.is_product:
                 summary = result
             else:

@@ -8,7 +8,7 @@ multirun so sweep points never share outputs:
   checkpoints/       step-XXXXXX full resumable checkpoints (last `checkpoint.keep`)
   adapter/           the peft AdaLoRA folder
   lora/              plain LoRA (diffusers + kohya safetensors) with its README.md model card
-  ranks.json, ranks.png, samples/, metrics.json, loss.csv
+  ranks.json, ranks.png, samples/, metrics.json, headline.json, loss.csv, val_loss.csv
 
 The run, top to bottom: read crops and captions -> encode each once into the cache -> free the
 encoders -> plan aspect-bucketed batches for every epoch -> wrap the transformer with AdaLoRA ->
@@ -46,8 +46,8 @@ from tqdm import tqdm
 
 from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
-from artmaster.files import read_jsonl, staged_dir, write_atomic
-from artmaster.tracking import child_run, stage_run
+from artmaster.files import captioned, labelled_grid, read_jsonl, staged_dir, write_atomic
+from artmaster.tracking import child_run, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -703,13 +703,24 @@ def render_samples(pipe, prompt_encodings, settings: DictConfig, device) -> list
     return images
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+def sample_grid(samples: list[tuple[str, int, Image.Image]], step: int) -> Image.Image:
+    """Rows = prompts (their text on the left), columns = seeds, titled with the step."""
+    prompts = list(dict.fromkeys(prompt for prompt, _, _ in samples))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in samples))
+    rows = [(prompt, [image for p, _, image in samples if p == prompt]) for prompt in prompts]
+    return labelled_grid(rows, [f"seed {seed}" for seed in seeds], title=f"samples at step {step}")
+
+
+# MLflow names of the logged rows. MLflow's run page shows one chart section per prefix, sections
+# in alphabetical order: `loss` (train and val only) comes first, then the loss's two terms, the
+# optimizer, AdaLoRA's ranks and `result` (log_summary's headline). loss.csv keeps the plain names.
+METRIC_NAMES = {"loss": "loss/train", "val_loss": "loss/val", "mse": "objective/mse",
+                "orthogonal": "objective/orthogonal", "grad_norm": "optim/grad_norm", "lr": "optim/lr",
+                "rank_budget": "rank/budget", "active_rank": "rank/active"}
+
+
+def mlflow_metrics(row: dict) -> dict[str, float]:
+    return {METRIC_NAMES.get(key, key): value for key, value in row.items() if key != "step"}
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -847,7 +858,8 @@ def run(cfg: DictConfig) -> dict:
     Each further replicate (`replicates.count`) trains the same recipe with its own seed."""
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
-    tracking = stage_run(cfg, "train", sections=("train", "model", "replicates")) if is_main else nullcontext()
+    tracking = (stage_run(cfg, "train", sections=("train", "model", "replicates"), label=recipe_label(cfg))
+                if is_main else nullcontext())
     with tracking:
         metrics = {}
         for replicate, replicate_cfg in replicates.each(cfg):
@@ -860,6 +872,13 @@ def run(cfg: DictConfig) -> dict:
                 metrics.setdefault("replicates", {})[replicate.label] = {
                     key: result[key] for key in ("loss", "val_loss", "active_rank") if key in result}
         return metrics
+
+
+def recipe_label(cfg: DictConfig) -> str:
+    """What tells training runs apart at a glance in MLflow: `r=8 lr=2e-4` (AdaLoRA target rank, lr)."""
+    mantissa, exponent = f"{float(cfg.train.optim.lr):.2e}".split("e")
+    lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"r={cfg.train.adalora.target_r} lr={lr}"
 
 
 def make_accelerator(cfg: DictConfig):
@@ -903,7 +922,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     """The training loop, writing everything into `out`; `setup` (retrain) changes its data,
     starting adapter and base model, the defaults are the train stage's."""
     from artmaster.adalora import fuse_lora_, load_adalora_weights_
-    from artmaster.models import load_pipeline
+    from artmaster.models import load_pipeline, truncation_reported
 
     setup = setup or TrainSetup()
     settings = cfg.train
@@ -923,7 +942,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         modules = fuse_lora_(pipe.transformer, folder)
         if is_main:
             print(f"train: fused the LoRA in {folder} into the base ({modules} modules)")
-    with accelerator.main_process_first():
+    texts = [e.caption for e in examples + list(setup.extra)] + list(settings.samples.prompts)
+    with accelerator.main_process_first(), truncation_reported(pipe, texts, int(cfg.model.max_sequence_length),
+                                                               "train", report=is_main):
         encoded = build_cache(pipe, examples + list(setup.extra), list(settings.samples.prompts), out / "cache",
                               cfg.model, show_progress=is_main)
     if is_main:
@@ -1017,7 +1038,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
             if is_main:
                 import mlflow
 
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
+                mlflow.log_metrics(mlflow_metrics(row), step=step)
                 progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"],
                                      steps_per_s=f"{steps_per_second:.2f}")
         validate, sample = _due(step, settings.validation.every, last), _due(step, settings.samples.every, last)
@@ -1140,16 +1161,18 @@ def _evaluate(cfg, state: TrainingState, pipe, prompt_encodings, vset: Validatio
     with ema, eager, state.accelerator.autocast():
         if validate and vset.batches:
             value = float(validation_loss(state.adapter, vset, state.flow))
-            mlflow.log_metric("val_loss", value, step=step)
+            mlflow.log_metric(METRIC_NAMES["val_loss"], value, step=step)
             history.append({"step": step, "val_loss": value})
         if sample and cfg.train.samples.prompts:
             samples = render_samples(pipe, prompt_encodings, cfg.train.samples, state.accelerator.device)
-            for index, (_, seed, image) in enumerate(samples):
-                mlflow.log_image(image, key=f"sample_{index // len(cfg.train.samples.seeds)}_seed{seed}", step=step)
+            prompts = list(cfg.train.samples.prompts)
+            for prompt, seed, image in samples:  # one slider per prompt and seed, the step on the slider
+                mlflow.log_image(captioned(image, f"seed {seed}: {prompt}"),
+                                 key=f"prompt {prompts.index(prompt)} seed {seed}", step=step)
             samples_dir.mkdir(parents=True, exist_ok=True)
             grid_path = samples_dir / f"{checkpoint_name(step)}.png"
             buffer = io.BytesIO()
-            image_grid([image for _, _, image in samples], len(cfg.train.samples.seeds)).save(buffer, format="PNG")
+            sample_grid(samples, step).save(buffer, format="PNG")
             write_atomic(grid_path, buffer.getvalue())
             mlflow.log_artifact(str(grid_path), artifact_path="samples")
     return time.perf_counter() - started
@@ -1205,12 +1228,21 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
     writer.writeheader()
     writer.writerows(row for row in history if "loss" in row)
     write_atomic(out / "loss.csv", buffer.getvalue())
+    validation = "".join(f"{row['step']},{row['val_loss']}\n" for row in history if "val_loss" in row)
+    write_atomic(out / "val_loss.csv", "step,val_loss\n" + validation)  # plotted with loss.csv by dvc.yaml
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+    log_summary(headline(metrics), details=metrics, folder=out,
+                note=f"{metrics['steps']} optimizer steps on {metrics['examples']} crops; adapter in `{out / 'lora'}`.")
     for name in ("adapter", "lora"):
         mlflow.log_artifacts(str(out / name), artifact_path=name)
-    for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv"):
+    for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv", "val_loss.csv"):
         mlflow.log_artifact(str(out / name))
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers `dvc metrics show` and the MLflow runs table show for a training run."""
+    names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total"}
+    return {name: metrics[key] for name, key in names.items() if key in metrics}
 
 
 def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str],
@@ -1242,10 +1274,14 @@ chosen during training) and folded exactly into plain LoRA: every module has its
 {f"{chr(10)}{note}{chr(10)}" if note else ""}
 **Trigger phrase:** `{trigger}` (start prompts with it).
 
-## Files
-- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format
-  (`pipe.load_lora_weights("<this folder>")` on a `FluxPipeline`).
-- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys).
+## Files: which tool takes which
+- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format (`transformer.*` keys):
+  `FluxPipeline.load_lora_weights("<this folder>")`, and `artmaster generate --adapter <this folder>`.
+- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys, BFL layer
+  names, `alpha` = rank): ComfyUI's LoRA loader, kohya sd-scripts and Forge on FLUX.1-dev, and
+  `artmaster generate --adapter <this file>` on any model size (its converter reads the layer widths
+  from the model). diffusers' own kohya converter loads it only on FLUX.1-dev-sized models (it
+  hard-codes FLUX.1-dev's layer widths): with diffusers on the tiny demo model, load the diffusers file.
 
 ## Ranks
 {len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
@@ -1309,8 +1345,8 @@ def _log_plan(cfg, examples, ids_by_size, total_step: int, held: int, start_step
     buckets = ", ".join(f"{w}x{h}: {len(ids)}" for (w, h), ids in sorted(ids_by_size.items()))
     print(f"train: {len(examples)} crops ({held} held for validation), buckets {buckets}; "
           f"{total_step} optimizer steps")
-    mlflow.log_metrics({"plan_total_step": total_step, "plan_examples": len(examples), "plan_held_out": held,
-                        "resumed_from_step": start_step})
+    mlflow.log_params({"plan.optimizer_steps": total_step, "plan.crops": len(examples), "plan.held_out": held,
+                       "plan.resumed_from_step": start_step, "plan.buckets": buckets})
 
 
 main = hydra_entry(run)
