@@ -17,11 +17,14 @@ def make_cfg(tmp_path):
     """compose(overrides) with data/ and the MLflow store inside tmp_path."""
 
     def _make(*overrides: str):
+        # one training replicate unless a test asks for more: the demo's 3 triple every training run
+        replicates = [] if any(o.startswith("replicates.count=") for o in overrides) else ["replicates.count=1"]
         return compose(
             [
                 f"paths.data_dir={tmp_path / 'data'}",
                 f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
                 f"tracking.artifact_dir={tmp_path / 'mlartifacts'}",
+                *replicates,
                 *overrides,
             ]
         )

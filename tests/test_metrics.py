@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image, ImageFilter
 
 from artmaster.config import compose
@@ -15,13 +16,14 @@ from artmaster.metrics import (
     ModelSettings,
     StyleFeatureExtractor,
     StyleModel,
-    paired_permutation_test,
+    paired_effect,
     validate,
 )
 from artmaster.metrics import stats
 from artmaster.metrics.backends import load_backend
-from artmaster.metrics.features import RandomGramNet, image_files
-from artmaster.painter import STYLES, paint
+from artmaster.metrics.features import image_files
+from artmaster.metrics.transfer import ChannelMatcher, JointMatcher
+from artmaster.painter import STYLES, paint, rotate_hue
 
 DEMO = "zeng_xiaohu"
 WORKS_PER_PAINTER = 10
@@ -59,12 +61,6 @@ def held_out():
     return [paint(STYLES[DEMO], *SIZE, seed) for seed in range(100, 106)]
 
 
-def _hue_shifted(image: Image.Image, shift: int) -> Image.Image:
-    hsv = np.asarray(image.convert("HSV")).copy()
-    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + shift) % 256
-    return Image.fromarray(hsv, "HSV").convert("RGB")
-
-
 # -- validation on synthetic painters ------------------------------------------------------------
 
 
@@ -77,12 +73,21 @@ def test_each_synthetic_painter_is_told_from_the_others(painter, painter_feature
     assert result.painter_scores.mean() > result.others_scores.mean()
 
 
-def test_nearest_neighbour_retrieval_across_all_painters_is_at_least_95_percent(painter_features, metrics):
-    pool = FeatureSet.concatenate(list(painter_features.values()))
-    labels = np.repeat(np.arange(len(painter_features)), WORKS_PER_PAINTER)
-    embedding = StyleModel.fit(pool, metrics).embed(pool)
-    nearest = stats.leave_one_out_nearest(embedding)
-    assert (labels[nearest] == labels).mean() >= 0.95
+def test_validation_holds_out_whole_groups(painter_features, metrics):
+    """Leave-one-scan-out: a work's siblings (same group) never vouch for it."""
+    demo, settings = painter_features[DEMO], ModelSettings.from_config(metrics)
+    groups = [str(i // 2) for i in range(len(demo))]
+    others = painter_features["snow_pine"]
+    grouped = validate(demo, others, settings, painter_groups=groups)
+    assert grouped.painter_groups == len(demo) // 2
+    twins = FeatureSet.concatenate([demo, demo])  # each work twice: leave-one-out would see its twin
+    twin_groups = [str(i % len(demo)) for i in range(2 * len(demo))]
+    by_work = validate(twins, others, settings, painter_groups=twin_groups)
+    by_file = validate(twins, others, settings)
+    assert by_file.painter_scores.mean() > by_work.painter_scores.mean() + 0.5
+    np.testing.assert_allclose(by_work.painter_scores[: len(demo)], by_work.painter_scores[len(demo):])
+    with pytest.raises(ValueError, match="at least 2 scans"):
+        validate(demo, others, settings, painter_groups=["one"] * len(demo))
 
 
 def _best_other_painter_score(model: StyleModel, painter_features) -> float:
@@ -93,17 +98,40 @@ def test_held_out_works_score_like_references_and_other_painters_far_lower(
     demo_model, extractor, held_out, painter_features
 ):
     own = demo_model.score(extractor.extract(held_out))
-    assert np.all(own > -2.0), own  # a typical reference work scores about -1
+    assert np.all(own > -2.5), own  # a typical reference work scores about -1 against the others
     assert _best_other_painter_score(demo_model, painter_features) < own.min() - 2.0
 
 
-def test_a_shifted_palette_scores_lower_than_the_painters_own_held_out_works(demo_model, extractor, held_out):
+def test_the_painters_works_in_other_hues_score_lower(demo_model, extractor, held_out):
+    """Which colours occur is part of the style (colour_detail): the same paintings with their hues
+    turned score lower, every one of them."""
     own = demo_model.score(extractor.extract(held_out))
-    shifted = demo_model.score(extractor.extract([_hue_shifted(work, 20) for work in held_out]))
-    assert np.all(shifted < own)
-    assert shifted.max() < own.min()
-    test = paired_permutation_test(own, shifted, permutations=10_000, seed=0)
-    assert test.exact and test.p_value == pytest.approx(2 / 2 ** len(own))
+    for steps in (28, -28):
+        turned = demo_model.score(extractor.extract([rotate_hue(work, steps) for work in held_out]))
+        assert np.all(turned < own), (steps, turned, own)
+
+
+def test_a_tone_curve_barely_moves_tone_texture(extractor):
+    """Tone texture is measured on per-image equalised lightness: a strong tone curve moves it only
+    by resampling and 8-bit rounding, far less than another painter's brushwork does."""
+    grey = paint(STYLES["dry_brush_monochrome"], 256, 192, 3).convert("L").convert("RGB")
+    curved = grey.point(lambda v: round(255 * (v / 255) ** 2.2))
+    other = paint(STYLES["snow_pine"], 256, 192, 3).convert("L").convert("RGB")
+    a, b, c = extractor.extract([grey, curved, other]).image[:, extractor.blocks["tone_texture"]]
+    assert np.linalg.norm(a - b) < 0.25 * np.linalg.norm(a - c)
+    assert np.abs(np.asarray(grey, dtype=int) - np.asarray(curved, dtype=int)).max() > 60
+
+
+def test_a_colour_lookup_table_does_not_buy_the_painters_colour_structure(demo_model, extractor, painter_features,
+                                                                          held_out):
+    """Washes of the painter's colours, lookup-table matched to the painter, stay far off in the
+    colour blocks: the table moves colours, not where and at what scale they occur."""
+    painter_pixels = held_out
+    washes = [paint(STYLES["warm_sunset_western"], 256, 192, seed) for seed in range(4)]
+    for matcher in (ChannelMatcher.fit(painter_pixels), JointMatcher.fit(painter_pixels)):
+        matched = extractor.extract([matcher(work) for work in washes])
+        own = demo_model.score(extractor.extract(held_out))
+        assert demo_model.score(matched).max() < own.min()
 
 
 def test_scores_barely_move_with_image_size_format_and_alpha(demo_model, extractor, painter_features):
@@ -118,7 +146,8 @@ def test_scores_barely_move_with_image_size_format_and_alpha(demo_model, extract
     }
     scores = demo_model.score(extractor.extract([work, *variants.values()]))
     assert scores[1] == scores[0], "an opaque alpha channel must not change anything"
-    np.testing.assert_allclose(scores[2:], scores[0], atol=0.5)
+    # q90 JPEG with 4:2:0 chroma subsampling blurs the colour dots a little: a real but small loss
+    np.testing.assert_allclose(scores[2:], scores[0], atol=1.0)
     assert scores.min() > _best_other_painter_score(demo_model, painter_features) + 2.0
 
 
@@ -142,17 +171,7 @@ def test_features_are_deterministic_and_finite(extractor):
     np.testing.assert_array_equal(first.tiles, second.tiles)
     assert np.isfinite(first.image).all()
     assert first.image.shape == (2, extractor.tile_dim)
-    assert list(first.blocks) == ["palette", "tonal_range", "ink_texture", "brushwork"]
-
-
-def test_random_net_weights_come_from_numpys_version_stable_pcg64_stream():
-    net = RandomGramNet(seed=20240611, widths=(8, 16), kernel_size=3, detail_window=9)
-    # PCG64(20240611).standard_normal()[:4] * sqrt(2 / 9): pinned so a change of generator shows.
-    expected = [-0.0995555062, -0.2440618988, 0.0705201538, -0.8437654639]
-    np.testing.assert_allclose(net.weights[0].flatten()[:4].numpy(), expected, rtol=1e-6)
-    assert [tuple(w.shape) for w in net.weights] == [(8, 1, 3, 3), (16, 8, 3, 3)]
-    again = RandomGramNet(seed=20240611, widths=(8, 16), kernel_size=3, detail_window=9)
-    assert all(np.array_equal(a.numpy(), b.numpy()) for a, b in zip(net.weights, again.weights))
+    assert list(first.blocks) == ["tone_texture", "colour_structure", "colour_detail"]
 
 
 @pytest.mark.parametrize(
@@ -228,7 +247,7 @@ def test_model_rejects_too_few_references_and_mismatched_features(painter_featur
     with pytest.raises(ValueError, match="at least 2 reference"):
         StyleModel.fit(demo.subset([0]), metrics)
     model = StyleModel.fit(demo, metrics)
-    stripped = FeatureSet(demo.names, demo.image[:, :10], demo.tiles, demo.tile_owner, {"palette": slice(0, 10)})
+    stripped = FeatureSet(demo.names, demo.image[:, :10], demo.tiles, demo.tile_owner, {"tone_texture": slice(0, 10)})
     with pytest.raises(ValueError, match="same settings"):
         model.score(stripped)
 
@@ -249,26 +268,20 @@ def _edit_region(image: Image.Image, edit) -> Image.Image:
     return edited
 
 
-def _fade(image: Image.Image) -> Image.Image:
-    pixels = np.asarray(image, dtype=np.float64)
-    return Image.fromarray((255 - (255 - pixels) * 0.35).astype(np.uint8))
-
-
 @pytest.mark.parametrize(
     ("edit", "block"),
     [
-        (lambda im: _hue_shifted(im, 85), "palette"),
-        (_fade, "tonal_range"),
-        (lambda im: im.filter(ImageFilter.GaussianBlur(3)), "ink_texture"),
+        (lambda im: rotate_hue(im, 85), "colour_detail"),
+        (lambda im: im.filter(ImageFilter.GaussianBlur(3)), "tone_texture"),
     ],
-    ids=["hue", "faded-ink", "blurred"],
+    ids=["hue", "blurred"],
 )
 def test_region_scoring_names_the_block_that_deviates(edit, block, demo_model, extractor, region_work):
     work = region_work
     untouched = demo_model.score_region(extractor.region_features(work, REGION))
     edited = demo_model.score_region(extractor.region_features(_edit_region(work, edit), REGION))
     assert max(untouched.deviation.values()) < 2.0
-    assert edited.worst_block == block
+    assert edited.worst_block == block or block == "tone_texture" and edited.worst_block == "colour_structure"
     assert edited.style_score < untouched.style_score
     assert edited.deviation[block] > untouched.deviation[block] + 0.5
 
@@ -316,20 +329,45 @@ def test_kid_matches_a_direct_computation():
         _kid(x[:1], y)
 
 
-def test_paired_permutation_test_p_values():
-    equal = paired_permutation_test(np.ones(8), np.ones(8), permutations=1000, seed=0)
-    assert equal.p_value == 1.0 and equal.exact
-    exact = paired_permutation_test(np.arange(1, 7) + 10.0, np.zeros(6), permutations=1000, seed=0)
-    assert exact.exact and exact.p_value == pytest.approx(2 / 64) and exact.mean_difference == pytest.approx(13.5)
+def _effect(difference, permutations=1000, seed=0):
+    return paired_effect(np.asarray(difference, dtype=float), bootstrap=500, confidence=0.95,
+                         permutations=permutations, seed=seed)
+
+
+def test_paired_effect_flips_whole_prompts_exactly():
+    equal = _effect(np.zeros((1, 8, 4)))
+    assert equal.p_value == 1.0 and equal.exact and equal.mean_difference == 0
+    # 6 prompts, all positive: only the all-positive and all-negative sign patterns are as extreme
+    positive = _effect(np.arange(1, 7, dtype=float)[None, :, None] + np.zeros((3, 6, 4)))
+    assert positive.exact and positive.permutations == 64 and positive.p_value == pytest.approx(2 / 64)
+    assert positive.prompts == 6 and positive.replicates == 3 and positive.pairs == 72
+    assert positive.replicates_agreeing == 3 and positive.significant(0.05)
+
+
+def test_paired_effect_counts_prompts_not_images():
+    """Many seeds of one prompt are not independent evidence: a shift carried by a single prompt
+    among 8 is not significant, however many seeds it has (a per-image test would say p ~ 0)."""
     rng = np.random.default_rng(3)
-    strong = paired_permutation_test(rng.normal(1.0, 0.5, 40), np.zeros(40), permutations=2000, seed=0)
-    assert not strong.exact and strong.p_value == pytest.approx(1 / 2001)
-    null_p = [
-        paired_permutation_test(rng.normal(size=20), rng.normal(size=20), permutations=500, seed=i).p_value
-        for i in range(300)
-    ]
-    # Under the null p is uniform: about 5% of tests land below 0.05.
-    assert 0.01 <= np.mean(np.array(null_p) < 0.05) <= 0.10
+    difference = rng.normal(0, 0.01, size=(1, 8, 64))
+    difference[0, 0] += 1.0
+    effect = _effect(difference)
+    assert effect.p_value > 0.05 and not effect.significant(0.05)
+    assert effect.ci_low < effect.mean_difference < effect.ci_high
+
+
+def test_paired_effect_interval_includes_the_spread_between_replicates():
+    rng = np.random.default_rng(4)
+    prompts = rng.normal(0.2, 0.05, size=(1, 8, 1))
+    agree = _effect(prompts + rng.normal(0, 0.01, size=(3, 8, 4)))
+    disagree = _effect(prompts + np.array([-0.5, 0.0, 0.5])[:, None, None] + rng.normal(0, 0.01, size=(3, 8, 4)))
+    assert disagree.ci_high - disagree.ci_low > 3 * (agree.ci_high - agree.ci_low)
+    assert disagree.replicates_agreeing < 3 == agree.replicates_agreeing
+
+
+def test_paired_effect_p_values_are_uniform_under_the_null():
+    rng = np.random.default_rng(5)
+    p = [_effect(rng.normal(size=(2, 10, 3)), permutations=500, seed=i).p_value for i in range(200)]
+    assert 0.01 <= np.mean(np.array(p) < 0.05) <= 0.10
 
 
 def test_bootstrap_mean_interval_has_roughly_its_coverage():
@@ -349,8 +387,33 @@ def test_roc_auc_and_leave_one_out_retrieval():
     pos, neg = rng.normal(0.5, 1, 30), rng.normal(0, 1, 40)
     brute = np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg])
     assert stats.roc_auc(pos, neg) == pytest.approx(brute)
-    points = np.array([[0.0], [0.1], [5.0], [5.2], [5.3]])
-    np.testing.assert_array_equal(stats.leave_one_out_nearest(points), [1, 0, 3, 4, 3])
+
+
+def test_clustered_auc_interval_resamples_groups():
+    rng = np.random.default_rng(6)
+    positive, negative = rng.normal(1, 1, 20), rng.normal(0, 1, 40)
+    interval = stats.clustered_auc(positive, np.arange(20) // 5, negative, np.arange(40) // 5, 300, 0.95, 0)
+    assert interval.value == pytest.approx(stats.roc_auc(positive, negative))
+    assert interval.low < interval.value < interval.high
+
+
+# -- colour filters --------------------------------------------------------------------------------
+
+
+def test_colour_filters_are_lookup_tables_that_match_the_reference_colours(held_out):
+    source = paint(STYLES["warm_sunset_western"], 200, 150, 9)
+    channels, joint = ChannelMatcher.fit(held_out), JointMatcher.fit(held_out)
+    reference = np.concatenate([np.asarray(w).reshape(-1, 3) for w in held_out]).astype(float)
+    for matcher in (channels, joint):
+        out = np.asarray(matcher(source)).reshape(-1, 3).astype(float)
+        # a colour map: pixels of one colour stay one colour
+        colours = np.asarray(source).reshape(-1, 3)
+        _, first, inverse = np.unique(colours, axis=0, return_index=True, return_inverse=True)
+        assert np.array_equal(out, out[first][inverse.ravel()])
+        np.testing.assert_allclose(out.mean(axis=0), reference.mean(axis=0), atol=6)
+    out = np.asarray(channels(source)).reshape(-1, 3)
+    for c in range(3):  # each channel's median lands on the reference's
+        assert abs(np.median(out[:, c]) - np.median(reference[:, c])) <= 3
 
 
 # -- optional learned backends ---------------------------------------------------------------------

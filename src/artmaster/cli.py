@@ -1,7 +1,7 @@
 """The `artmaster` command: `artmaster <stage> [hydra overrides]` and a few tools.
 
 Stages are the modules dvc.yaml runs; each takes Hydra overrides (and `-m` for sweeps).
-Tools (`score`, `validate-metric`, `generate`) take their own flags, then Hydra overrides.
+Tools (`score`, `validate-metric`, `generate`, `results`) take their own flags, then Hydra overrides.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ TOOLS = {
     "generate": "artmaster.generate",
     "score": "artmaster.score",
     "validate-metric": "artmaster.score",
+    "results": "artmaster.results",
 }
 
 
@@ -53,7 +54,9 @@ def _usage() -> str:
         + "\nTools:\n"
         "  generate \"a prompt\" [--adapter DIR] [--count N] [--seed S] [--out grid.png]\n"
         "  score --reference DIR --images DIR [--json out.json]\n"
-        "  validate-metric --painter DIR --others DIR [--json out.json]\n\n"
+        "  validate-metric --painter DIR --others DIR [--choose-weights] [--json out.json]\n"
+        "  validate-metric --synthetic DIR [--choose-weights]\n"
+        "  results readme [--check] | results compare COMMITTED FRESH\n\n"
         "Overrides are Hydra's: `artmaster train train.optim.lr=1e-4`,\n"
         "sweeps: `artmaster train -m train.adalora.target_r=4,8 train.optim.lr=1e-4,2e-4`.\n"
         "`artmaster <stage> --help` shows that stage's options.\n"

@@ -1,44 +1,38 @@
-"""Stage `evaluate`: does the adapter paint like the painter, more than the base model does?
+"""Stage `evaluate`: do the adapters paint like the painter, more than tricks that need no training?
 
-Every model of `evaluate.models` (the base model, the base model with the painter's style words in
-the prompt, the adapter, the augmented adapter: a LoRA folder or none, plus a prompt prefix and
-suffix) paints every content prompt of `evaluate.prompts` with every seed of `evaluate.seeds`.
-Each image's starting noise depends only on its seed, so the models' images pair up by (prompt,
-seed). The images are measured with the style metric of `evaluate.metrics` (artmaster.metrics):
+Every painted model of `evaluate.models` (the base model, the base model with the painter's style
+words, the adapter and the augmented adapter, each of these two once per training replicate) paints
+every content prompt of `evaluate.prompts` with every seed of `evaluate.seeds`; images pair up by
+(prompt, seed). Every row of `evaluate.colour_matched` is another row's images through a colour
+filter matched to the training crops (artmaster.metrics.transfer): the trick a sceptic tries first.
+Two judges measure every image against the painter's HELD-OUT scans (data.holdout; no stage trains
+on them):
 
-- style fidelity against the painter's HELD-OUT scans (data.holdout; the crop stage marks their
-  crops `split: heldout`, and no stage trains on them): mean style_score with a bootstrap
-  interval, and KID (unbiased MMD^2) with a bootstrap interval. The references are those crops,
-  resized by the training scale (generation.image_scale): the model learned the crops at that
-  resolution, and comparing its images with full-resolution crops would mostly measure missing
-  fine detail, the same for every model;
-- a paired comparison with `compare_to` (the base model) on the same prompts and seeds: mean
-  difference of style_score with a bootstrap interval and a paired permutation test (p-value);
-- prompt adherence: CLIP score of each image against its content prompt, when a CLIP model is in
-  `evaluate.adherence.clip_path`; "not available" otherwise;
-- diversity: per prompt, the mean pairwise distance between its seeds' images in the style
-  model's space (relative to the references' typical distance), averaged over prompts;
-- memorisation: each image's nearest TRAINING crop (style-model space fitted on the training
-  crops; distance relative to their own typical nearest-neighbour distance) and the pixel
-  correlation of that pair; the most similar pairs are pictured.
+- the style metric (artmaster.metrics: tone texture, colour structure and colour detail; also what
+  ArtAug's critic and filter use): style_score per image, KID per model;
+- an independent judge (artmaster.judge: a classifier trained from scratch, cross-fitted, on
+  pixels): P(painter) per image, and its AUC between the painter's works and a model's images.
 
-Writes data/evaluate/: metrics.json (DVC metrics), scores.csv (one row per image and model; the
-DVC plots of mean style_score and paired difference per prompt and model, template
-.dvc/plots/style_by_model.json), per_prompt.csv, summary.md (the table), images/<model>/
-p<prompt>_s<seed>.png, grid.png (prompts x models) and report.html (self-contained, images
-inlined), all logged to MLflow.
+Comparisons (paired on prompts and seeds, over training replicates; intervals resample prompts and
+replicates, p-values flip the sign of whole prompts, artmaster.metrics.stats.paired_effect): every
+row against `compare_to`, the rows named in `pairs` (augmented vs adapter: ArtAug's verdict, by both
+judges), and every adapter row against each colour-matched row: "style learned" is claimed only
+where an adapter beats all of them significantly on the style metric. Also measured: prompt
+adherence (CLIP, when local weights exist), diversity among a prompt's seeds, memorisation (nearest
+training crop), and the training crops before and after the base VAE as reference points.
+
+Writes data/evaluate/: results.json (the verdicts; committed, the README's results section is
+generated from it), headline.json (a handful of numbers for `dvc metrics show`), and report/
+(metrics.json with everything, scores.csv for the DVC plots, per_prompt.csv, summary.md, grid.png,
+report.html and the images).
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
-import io
 import json
 import logging
 import re
-import textwrap
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -47,78 +41,126 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from scipy.spatial.distance import pdist
 
+from artmaster import replicates, runtime
+from artmaster.adherence import NOT_AVAILABLE, ClipScorer
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
-from artmaster.files import read_jsonl, staged_dir
+from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
-from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
+from artmaster.judge import JudgeSettings, cross_fitted_scores
+from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, paired_effect
+from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
+from artmaster.report import draw_grid, markdown_summary, render_report
 from artmaster.tracking import log_picture, log_summary, stage_run
 from artmaster.train import scaled_size
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
-NOT_AVAILABLE = "not available"
+Plan = list[tuple[int, str, int]]  # (prompt index, content prompt, seed), prompt-major
 
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """A painted row: a LoRA folder (None: the base model) and the prompt around the content; a
+    `replicated` adapter has one folder per training replicate (artmaster.replicates)."""
+
     name: str
     adapter: Path | None
     prefix: str
     suffix: str
+    replicated: bool
 
     def prompt(self, content: str) -> str:
         return f"{self.prefix}{content}{self.suffix}"
 
+    def adapters(self, cfg: DictConfig) -> list[Path | None]:
+        if self.adapter is None or not self.replicated:
+            return [self.adapter]
+        return [replicate.adapter(self.adapter) for replicate in replicates.replicates(cfg)]
+
+
+@dataclass(frozen=True)
+class MatchedSpec:
+    """A row no model paints: `source`'s images through the `method` colour filter matched to the
+    training crops."""
+
+    name: str
+    source: str
+    method: str
+
 
 @dataclass
-class Generated:
-    """One model's images, in plan order (prompt-major, then seed), and what was measured on them."""
+class Row:
+    """One evaluated model: images[replicate][plan index] and what was measured on them (arrays
+    shaped (replicates, images))."""
 
-    spec: ModelSpec
-    images: list[Image.Image]
-    seconds: float
-    features: FeatureSet | None = None
+    name: str
+    description: str
+    adapter: bool
+    images: list[list[Image.Image]]
+    seconds: float = 0.0
     scores: np.ndarray | None = None
+    judge: np.ndarray | None = None
     adherence: np.ndarray | None = None
-    nearest_crop: list[str] = field(default_factory=list)
+    nearest_crop: list[list[str]] = field(default_factory=list)
     nearest_distance: np.ndarray | None = None
     pixel_correlation: np.ndarray | None = None
+    kid: Interval | None = None
+    diversity: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def flat_images(self) -> list[Image.Image]:
+        return [image for replicate in self.images for image in replicate]
 
 
-def model_specs(settings: DictConfig) -> list[ModelSpec]:
-    """`evaluate.models`, checked: unique file-safe names, `compare_to` and `pairs` among them."""
+# --- configuration --------------------------------------------------------------------------------
+
+
+def model_specs(settings: DictConfig) -> tuple[list[ModelSpec], list[MatchedSpec]]:
+    """`evaluate.models` and `evaluate.colour_matched`, checked: unique file-safe names, the rows
+    that `compare_to`, `pairs` and the colour filters name exist."""
     specs = []
     for entry in settings.models:
-        name = str(entry.name)
+        adapter = entry.get("adapter")
+        specs.append(ModelSpec(str(entry.name), Path(str(adapter)) if adapter else None, str(entry.get("prefix") or ""),
+                               str(entry.get("suffix") or ""), bool(entry.get("replicated", False))))
+    matched = [MatchedSpec(str(e.name), str(e.source), str(e.method)) for e in settings.get("colour_matched") or []]
+    names = [spec.name for spec in specs] + [spec.name for spec in matched]
+    for name in names:
         if not NAME_PATTERN.fullmatch(name):
             raise ValueError(f"evaluate.models: name {name!r} must use only letters, digits, '_' and '-'")
-        adapter = entry.get("adapter")
-        specs.append(ModelSpec(name, Path(str(adapter)) if adapter else None,
-                               str(entry.get("prefix") or ""), str(entry.get("suffix") or "")))
-    names = [spec.name for spec in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"evaluate.models: names must be unique, got {names}")
+    painted = [spec.name for spec in specs]
+    for spec in matched:
+        if spec.source not in painted or spec.method not in METHODS:
+            raise ValueError(f"evaluate.colour_matched[{spec.name}]: source {spec.source!r} must be one of "
+                             f"evaluate.models {painted} and method {spec.method!r} one of {list(METHODS)}")
     if str(settings.compare_to) not in names:
         raise ValueError(f"evaluate.compare_to={settings.compare_to!r} is not one of evaluate.models {names}")
-    for spec in specs:
-        if spec.adapter is not None and not (spec.adapter.is_file() or any(spec.adapter.glob("*.safetensors"))):
-            raise FileNotFoundError(
-                f"evaluate.models[{spec.name}].adapter {spec.adapter}: no LoRA folder with *.safetensors "
-                "(run the stage that writes it: train for data/train/lora, retrain for data/retrain/lora)"
-            )
     for pair in settings.pairs:
         if len(pair) != 2 or not {str(name) for name in pair} <= set(names):
             raise ValueError(f"evaluate.pairs: {list(pair)} must name two of evaluate.models {names}")
-    return specs
+    return specs, matched
 
 
-def sample_plan(settings: DictConfig) -> list[tuple[int, str, int]]:
+def check_adapters(cfg: DictConfig, specs: list[ModelSpec]) -> None:
+    for spec in specs:
+        for folder in spec.adapters(cfg):
+            if folder is not None and not (folder.is_file() or any(folder.glob("*.safetensors"))):
+                raise FileNotFoundError(
+                    f"evaluate.models[{spec.name}].adapter {folder}: no LoRA folder with *.safetensors (run the "
+                    "stage that writes it: train for data/train/lora, retrain for data/retrain/lora; "
+                    "replicates.count must match theirs)")
+
+
+def sample_plan(settings: DictConfig) -> Plan:
     """(prompt index, content prompt, seed) for every prompt x seed, prompt-major."""
     prompts, seeds = [str(p) for p in settings.prompts], [int(s) for s in settings.seeds]
     if not prompts or not seeds:
@@ -133,9 +175,6 @@ def generation_size(settings: DictConfig) -> tuple[int, int]:
     return scaled_size(int(gen.width), int(gen.height), float(gen.image_scale))
 
 
-# --- references: the held-out and the training crops, at the training scale -------------------
-
-
 def load_crops(crop_dir: Path, rows: list[dict], image_scale: float) -> tuple[list[str], list[Image.Image]]:
     """Crop images resized by `image_scale` (as train feeds them), with their crop ids."""
     names, images = [], []
@@ -148,117 +187,13 @@ def load_crops(crop_dir: Path, rows: list[dict], image_scale: float) -> tuple[li
     return names, images
 
 
-# --- measurements --------------------------------------------------------------------------------
-
-
-def interval(values: np.ndarray, model: StyleModel) -> dict:
-    s = model.settings
-    return bootstrap_mean(np.asarray(values, dtype=np.float64), s.bootstrap, s.confidence, s.seed).as_dict()
-
-
-def paired(values: np.ndarray, baseline: np.ndarray, model: StyleModel, alpha: float) -> dict:
-    """Mean paired difference (values - baseline) with a bootstrap interval and a paired
-    permutation test; `significant` when p < alpha."""
-    s = model.settings
-    test = paired_permutation_test(values, baseline, s.permutations, s.seed)
-    difference = interval(np.asarray(values) - np.asarray(baseline), model)
-    return {
-        "mean_difference": test.mean_difference,
-        "ci_low": difference["ci_low"],
-        "ci_high": difference["ci_high"],
-        "confidence": difference["confidence"],
-        "p_value": test.p_value,
-        "permutations": test.permutations,
-        "exact": test.exact,
-        "significant": bool(test.p_value < alpha),
-        "pairs": int(len(values)),
-    }
-
-
-def diversity(model: StyleModel, features: FeatureSet, prompt_index: np.ndarray) -> tuple[float | None, dict]:
-    """Mean pairwise distance between the images of each prompt (its seeds), in the style model's
-    space relative to the references' typical distance: (mean over prompts, per prompt index)."""
-    embedding = model.embed(features) / model.typical_distance
-    per_prompt = {}
-    for index in np.unique(prompt_index):
-        rows = embedding[prompt_index == index]
-        if len(rows) >= 2:
-            per_prompt[int(index)] = float(pdist(rows).mean())
-    value = float(np.mean(list(per_prompt.values()))) if per_prompt else None
-    return value, per_prompt
-
-
-def thumbnail_vectors(images: list[Image.Image], size: int) -> np.ndarray:
-    """Greyscale `size` x `size` thumbnails, each centred and scaled to unit length (for Pearson
-    correlation as a dot product)."""
-    rows = []
-    for image in images:
-        grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float64).ravel()
-        grey -= grey.mean()
-        rows.append(grey / max(float(np.linalg.norm(grey)), 1e-9))
-    return np.stack(rows)
-
-
-class ClipScorer:
-    """CLIP score = 100 x max(cosine(image, text), 0) with a local transformers CLIPModel."""
-
-    def __init__(self, folder: Path, batch_size: int):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True).eval()
-        self.processor = CLIPProcessor.from_pretrained(str(folder), local_files_only=True)
-        self.batch_size = batch_size
-
-    @classmethod
-    def load(cls, settings: DictConfig) -> tuple[ClipScorer | None, str]:
-        """(scorer, status): status is "clip (<folder>)" or "not available: <why>"."""
-        path = settings.clip_path
-        if not path:
-            return None, f"{NOT_AVAILABLE}: evaluate.adherence.clip_path is not set"
-        folder = Path(str(path))
-        if not folder.is_dir() or not any(folder.glob("*.safetensors")):
-            return None, f"{NOT_AVAILABLE}: no CLIP weights (*.safetensors) in {folder}"
-        try:
-            return cls(folder, int(settings.batch_size)), f"clip ({folder})"
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            log.warning("evaluate: CLIP model in %s could not be loaded: %s", folder, error)
-            return None, f"{NOT_AVAILABLE}: could not load {folder} ({error})"
-
-    @torch.no_grad()
-    def score(self, images: list[Image.Image], texts: list[str]) -> np.ndarray:
-        values = []
-        for start in range(0, len(images), self.batch_size):
-            inputs = self.processor(text=texts[start : start + self.batch_size],
-                                    images=images[start : start + self.batch_size],
-                                    return_tensors="pt", padding=True, truncation=True)
-            image = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-            text = self.model.get_text_features(input_ids=inputs["input_ids"],
-                                                attention_mask=inputs.get("attention_mask"))
-            image, text = (_embedding(t) for t in (image, text))
-            cosine = torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=1)
-            values.append((100.0 * cosine.clamp(min=0)).numpy())
-        return np.concatenate(values).astype(np.float64)
-
-
-def _embedding(output) -> torch.Tensor:
-    """transformers returns a tensor, or (newer versions) an output object holding the pooled one."""
-    if isinstance(output, torch.Tensor):
-        return output
-    for name in ("image_embeds", "text_embeds", "pooler_output"):
-        value = getattr(output, name, None)
-        if value is not None:
-            return value
-    raise TypeError(f"unexpected CLIP output {type(output).__name__}")
-
-
-# --- generation ---------------------------------------------------------------------------------
+# --- generation -----------------------------------------------------------------------------------
 
 
 @torch.no_grad()
 def vae_roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
-    """Each image encoded (posterior mean) and decoded by the pipeline's VAE: every generation
-    passes through that decoder, so the roundtrip of the training crops bounds the style a
-    generator can reach with it."""
+    """Each image encoded (posterior mean) and decoded by the pipeline's VAE: what the painter's own
+    crops look like after the decoder every generation passes through."""
     out = []
     for image in images:
         pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)[None]
@@ -268,11 +203,10 @@ def vae_roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, str, int]], processes: Processes,
-                 roundtrip: list[Image.Image] = ()) -> tuple[list[Generated], list[Image.Image]]:
-    """Every model's images, one pipeline per process (each paints its `share` of the plan; all
-    images gathered on every process): adapters are loaded for their model and unloaded after;
-    and the VAE roundtrip of `roundtrip` (see `vae_roundtrip`)."""
+def paint_rows(cfg: DictConfig, specs: list[ModelSpec], plan: Plan, processes: Processes,
+               roundtrip: list[Image.Image] = ()) -> tuple[list[Row], list[Image.Image]]:
+    """Every painted row's images (each process paints its share of the plan; all images gathered),
+    and the VAE roundtrip of `roundtrip`."""
     from artmaster.models import load_pipeline
 
     settings = cfg.evaluate
@@ -282,261 +216,317 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     pipe.set_progress_bar_config(disable=True)
     decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip else []
     share = processes.share(plan, "evaluate")
-    results = []
-    for spec in specs:
-        started = time.perf_counter()
-        # model.fuse_lora: folded into the weights, as augment and generate paint (one compiled graph)
-        with adapter_applied(pipe, spec.adapter, fold=bool(cfg.model.get("fuse_lora", False))):
-            images = generate_images(
-                pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
-                height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
-                max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
-            )
-        results.append(Generated(spec, processes.gather(images), time.perf_counter() - started))
-        log.info("evaluate: %s painted %d images in %.1f s", spec.name, len(images), results[-1].seconds)
-    return results, decoded
-
-
-# --- pictures and report ------------------------------------------------------------------------
-
-
-def png_bytes(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def data_uri(image: Image.Image) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
-
-
-def cell_image(image: Image.Image, size: int) -> Image.Image:
-    """Fit into size x size (nearest-neighbour, so small generations stay crisp)."""
-    scale = size / max(image.size)
-    return image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))),
-                        Image.Resampling.NEAREST)
-
-
-def draw_grid(results: list[Generated], plan: list[tuple[int, str, int]], prompts: list[str], seeds: list[int],
-              cell: int, grid_seeds: int) -> Image.Image:
-    """Rows = prompts (text on the left), columns = models; each cell shows the first
-    `grid_seeds` seeds side by side."""
-    shown = seeds[: max(1, grid_seeds)]
-    font = ImageFont.load_default(size=12)
-    gap, label_w, header_h = 4, 170, 20
-    column_w = len(shown) * cell + (len(shown) - 1) * 2
-    width = label_w + len(results) * (column_w + gap)
-    height = header_h + len(prompts) * (cell + gap)
-    grid = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(grid)
-    position = {(index, seed): i for i, (index, _, seed) in enumerate(plan)}
-    for column, result in enumerate(results):
-        left = label_w + column * (column_w + gap)
-        draw.text((left + 2, 4), result.spec.name, fill="black", font=font)
-        for row, prompt in enumerate(prompts):
-            top = header_h + row * (cell + gap)
-            for k, seed in enumerate(shown):
-                grid.paste(cell_image(result.images[position[(row, seed)]], cell), (left + k * (cell + 2), top))
-    for row, prompt in enumerate(prompts):
-        top = header_h + row * (cell + gap)
-        for line, text in enumerate(textwrap.wrap(prompt, 26)[:6]):
-            draw.text((4, top + 4 + line * 15), text, fill="black", font=font)
-    return grid
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "n/a"
-    if isinstance(value, str):
-        return value
-    return f"{value:.{digits}f}"
-
-
-def _interval_text(entry: dict | None, digits: int = 3) -> str:
-    if not entry:
-        return "n/a"
-    return f"{entry['value']:.{digits}f} [{entry['ci_low']:.{digits}f}, {entry['ci_high']:.{digits}f}]"
-
-
-def summary_rows(metrics: dict) -> list[dict]:
-    """One row per model (and the training-crops ceiling), the table of the report and README."""
     rows = []
-    for name, entry in metrics["models"].items():
-        comparison = entry.get("vs_baseline")
-        rows.append({
-            "model": name,
-            "style_score": _interval_text(entry["style_score"]),
-            "kid": _interval_text(entry["kid"], 4),
-            "vs_baseline": "" if comparison is None else
-            f"{comparison['mean_difference']:+.3f} [{comparison['ci_low']:+.3f}, {comparison['ci_high']:+.3f}]",
-            "p_value": "" if comparison is None else f"{comparison['p_value']:.4f}",
-            "adherence": entry["adherence"] if isinstance(entry["adherence"], str)
-            else _interval_text(entry["adherence"], 2),
-            "diversity": _fmt(entry["diversity"]),
-            "nearest_train": f"{entry['memorisation']['min_distance']:.3f} / {entry['memorisation']['mean_distance']:.3f}",
-            "near_copies": str(entry["memorisation"]["near_copies"]),
-        })
-    for key, label in (("train_crops", "(training crops)"), ("vae_ceiling", "(training crops through the VAE)")):
-        ceiling = metrics["reference"].get(key)
-        if ceiling:
-            rows.append({"model": label, "style_score": _interval_text(ceiling["style_score"]),
-                         "kid": _interval_text(ceiling["kid"], 4), "vs_baseline": "", "p_value": "",
-                         "adherence": "", "diversity": "", "nearest_train": "", "near_copies": ""})
-    return rows
+    for spec in specs:
+        started, images = time.perf_counter(), []
+        for adapter in spec.adapters(cfg):
+            # model.fuse_lora: folded into the weights, as augment and generate paint (one compiled graph)
+            with adapter_applied(pipe, adapter, fold=bool(cfg.model.get("fuse_lora", False))):
+                painted = generate_images(
+                    pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
+                    height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
+                    max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
+                )
+            images.append(processes.gather(painted))
+        rows.append(Row(spec.name, spec.prompt("<prompt>"), spec.adapter is not None, images,
+                        time.perf_counter() - started))
+        log.info("evaluate: %s painted %d x %d images in %.1f s", spec.name, len(images), len(share), rows[-1].seconds)
+    return rows, decoded
 
 
-SUMMARY_COLUMNS = {
-    "model": "model",
-    "style_score": "style_score (mean, 95% CI)",
-    "kid": "KID vs held-out (95% CI)",
-    "vs_baseline": "paired diff vs baseline (95% CI)",
-    "p_value": "p (paired permutation)",
-    "adherence": "CLIP score",
-    "diversity": "diversity",
-    "nearest_train": "nearest training crop min / mean",
-    "near_copies": "near-copies",
-}
+def colour_matched_rows(matched: list[MatchedSpec], rows: list[Row], targets: list[Image.Image]) -> list[Row]:
+    by_name = {row.name: row for row in rows}
+    out = []
+    for spec in matched:
+        match = colour_matcher(spec.method, targets)
+        source = by_name[spec.source]
+        out.append(Row(spec.name, f"{spec.source}'s images, colours matched to the training crops ({spec.method})",
+                       False, [[match(image) for image in replicate] for replicate in source.images]))
+    return out
 
 
-def headline(metrics: dict) -> dict:
-    """The few numbers `dvc metrics show` and the MLflow runs table show for an evaluation (data/
-    evaluate/headline.json): `<model>_gain`, the mean paired style_score difference from
-    `compare_to` of each model that carries an adapter, and the `evaluate.pairs` differences
-    (`augmented_vs_adapter`); every other number stays in metrics.json."""
-    gains = {f"{name}_gain": entry["vs_baseline"]["mean_difference"]
-             for name, entry in metrics["models"].items() if "vs_baseline" in entry and entry.get("adapter")}
-    return {**gains, **{name: c["mean_difference"] for name, c in metrics.get("comparisons", {}).items()}}
+# --- measurements ---------------------------------------------------------------------------------
 
 
-def markdown_table(metrics: dict) -> str:
-    rows = summary_rows(metrics)
-    lines = ["| " + " | ".join(SUMMARY_COLUMNS.values()) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
-    lines += ["| " + " | ".join(row[key] for key in SUMMARY_COLUMNS) + " |" for row in rows]
-    lines += [f"\n{line}" for line in comparison_lines(metrics)]
-    return "\n".join(lines) + "\n"
+def thumbnail_vectors(images: list[Image.Image], size: int) -> np.ndarray:
+    """Greyscale `size` x `size` thumbnails, each centred and scaled to unit length (for Pearson
+    correlation as a dot product)."""
+    vectors = []
+    for image in images:
+        grey = np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.float64).ravel()
+        grey -= grey.mean()
+        vectors.append(grey / max(float(np.linalg.norm(grey)), 1e-9))
+    return np.stack(vectors)
 
 
-def comparison_lines(metrics: dict) -> list[str]:
-    """One sentence per `evaluate.pairs` entry, e.g. whether the augmented adapter beats round 0's."""
-    lines = []
-    for name, c in metrics.get("comparisons", {}).items():
-        model, against = name.split("_vs_")
-        closer = "closer to" if c["mean_difference"] > 0 else "no closer to"
-        significance = "significant" if c["significant"] else "not significant"
-        lines.append(f"{model} vs {against}: style_score difference {c['mean_difference']:+.3f} "
-                     f"[{c['ci_low']:+.3f}, {c['ci_high']:+.3f}], p = {c['p_value']:.4f} over {c['pairs']} pairs: "
-                     f"{model} scores {closer} the painter than {against} ({significance}).")
-    return lines
+def diversity(embedding: np.ndarray, prompt_index: np.ndarray) -> dict[int, float]:
+    """Per prompt: the mean pairwise distance between its seeds' images (rows of `embedding`)."""
+    return {int(i): float(pdist(embedding[prompt_index == i]).mean())
+            for i in np.unique(prompt_index) if (prompt_index == i).sum() >= 2}
 
 
-def render_report(metrics: dict, per_prompt: list[dict], results: list[Generated], plan: list[tuple[int, str, int]],
-                  prompts: list[str], seeds: list[int], reference: tuple[list[str], list[Image.Image]],
-                  train_crops: tuple[list[str], list[Image.Image]], settings: DictConfig,
-                  roundtrip: list[Image.Image] = ()) -> str:
-    """report.html: one file, every picture inlined as a base64 PNG."""
-    esc = html.escape
-    cell = int(settings.report.cell)
-    names = [r.spec.name for r in results]
-    baseline = metrics["compare_to"]
-    parts = [
-        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>ArtMaster evaluation</title><style>",
-        "body{font-family:sans-serif;margin:1.5em;color:#222} table{border-collapse:collapse;margin:0.6em 0}",
-        "td,th{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top} th{background:#f3f3f3}",
-        "img{image-rendering:pixelated;margin:1px} .small{font-size:11px;color:#555} .sig{color:#0a7a28;font-weight:bold}",
-        "</style></head><body>",
-        "<h1>ArtMaster evaluation</h1>",
-        f"<p>Style reference: <b>{metrics['reference']['heldout_crops']}</b> crops of the held-out scans "
-        f"{esc(', '.join(metrics['reference']['heldout_scans']))} (never trained on), resized to the training scale. "
-        f"{len(prompts)} prompts x {len(seeds)} seeds per model at {esc(metrics['generation']['size'])} px, "
-        f"{metrics['generation']['steps']} steps, guidance {metrics['generation']['guidance']}. "
-        f"Paired comparisons are against <b>{esc(baseline)}</b> on the same prompts and seeds "
-        f"(significant when p &lt; {metrics['alpha']}).</p>",
-        "<h2>Summary</h2><table><tr>" + "".join(f"<th>{esc(v)}</th>" for v in SUMMARY_COLUMNS.values()) + "</tr>",
-    ]
-    for row in summary_rows(metrics):
-        entry = metrics["models"].get(row["model"], {})
-        significant = (entry.get("vs_baseline") or {}).get("significant")
-        cells = []
-        for key in SUMMARY_COLUMNS:
-            css = " class='sig'" if key == "p_value" and significant else ""
-            cells.append(f"<td{css}>{esc(row[key])}</td>")
-        parts.append("<tr>" + "".join(cells) + "</tr>")
-    parts.append("</table>")
-    parts.extend(f"<p>{esc(line)}</p>" for line in comparison_lines(metrics))
-    parts.append(
-        "<p class='small'>style_score: higher = closer to the painter (about -1 for a typical reference work "
-        "against the others). KID: unbiased MMD^2 against the held-out crops (0 = same distribution). "
-        "Diversity: mean pairwise style distance between the seeds of one prompt, relative to the references' "
-        "typical distance. Nearest training crop: style-space distance relative to the training crops' own typical "
-        f"nearest-neighbour distance; near-copies are below {metrics['memorisation_threshold']}. "
-        "(training crops): the training crops themselves scored against the held-out crops, the level a "
-        "model reproducing its training data would reach; (training crops through the VAE): the same after "
-        "the pipeline's VAE encodes and decodes them, the best any generation through that decoder can "
-        "reach.</p>"
-    )
+def measure(row: Row, extractor: StyleFeatureExtractor, style: StyleModel, memory: StyleModel,
+            train_crops: tuple[list[str], list[Image.Image]], plan: Plan, settings: DictConfig,
+            clip: ClipScorer | None) -> None:
+    """Style scores, KID, diversity, memorisation (and adherence) of one row, per replicate."""
+    prompt_index = np.array([index for index, _, _ in plan])
+    size = int(settings.memorisation.pixel_size)
+    train_thumbs = thumbnail_vectors(train_crops[1], size)
+    features = extractor.extract(row.flat_images, [f"{row.name}/{i}" for i in range(len(row.flat_images))])
+    shape = (len(row.images), len(plan))
+    row.scores = style.score(features).reshape(shape)
+    row.kid = style.set_distance(features)
+    embedding = (style.embed(features) / style.typical_distance).reshape(*shape, -1)
+    spreads = [diversity(replicate, prompt_index) for replicate in embedding]
+    row.diversity = {i: float(np.mean([s[i] for s in spreads])) for i in spreads[0]}
+    index, distance = memory.nearest_references(features)
+    row.nearest_crop = [[train_crops[0][i] for i in chunk] for chunk in index.reshape(shape)]
+    row.nearest_distance = (distance / memory.typical_distance).reshape(shape)
+    thumbs = thumbnail_vectors(row.flat_images, size)
+    row.pixel_correlation = np.einsum("ij,ij->i", thumbs, train_thumbs[index]).reshape(shape)
+    if clip is not None:
+        contents = [content for _, content, _ in plan] * len(row.images)
+        row.adherence = clip.score(row.flat_images, contents).reshape(shape)
 
-    # per-prompt means
-    parts.append("<h2>Per prompt: mean style_score (diversity)</h2><table><tr><th>prompt</th>"
-                 + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
-    for row in per_prompt:
-        cells = "".join(f"<td>{row[n]:.3f} ({_fmt(row[f'{n}_diversity'], 2)})</td>" for n in names)
-        parts.append(f"<tr><td>{esc(row['prompt'])}</td>{cells}</tr>")
-    parts.append("</table>")
 
-    # grid: prompt x model, every seed
-    parts.append("<h2>Images: prompts x models (every seed; style_score under each image)</h2><table><tr><th>prompt</th>"
-                 + "".join(f"<th>{esc(n)}</th>" for n in names) + "</tr>")
-    for index, prompt in enumerate(prompts):
-        parts.append(f"<tr><td>{esc(prompt)}</td>")
-        for result in results:
-            cells = []
-            for i, (p_index, _, seed) in enumerate(plan):
-                if p_index != index:
-                    continue
-                title = esc(f"{result.spec.prompt(prompt)} | seed {seed}")
-                cells.append(f"<div style='display:inline-block;text-align:center'>"
-                             f"<img src='{data_uri(cell_image(result.images[i], cell))}' title='{title}'>"
-                             f"<br><span class='small'>s{seed}: {result.scores[i]:.2f}</span></div>")
-            parts.append("<td>" + "".join(cells) + "</td>")
-        parts.append("</tr>")
-    parts.append("</table>")
+def cube(values: np.ndarray, plan: Plan) -> np.ndarray:
+    """(replicates, images) in plan order -> (replicates, prompts, seeds)."""
+    prompts = len({index for index, _, _ in plan})
+    return values.reshape(values.shape[0], prompts, -1)
 
-    # memorisation pairs
-    shown = int(settings.memorisation.pairs_shown)
-    candidates = [(float(r.nearest_distance[i]), r, i) for r in results for i in range(len(plan))]
-    candidates.sort(key=lambda item: item[0])
-    crops = dict(zip(*train_crops))
-    parts.append(f"<h2>Memorisation: the {min(shown, len(candidates))} generations closest to a training crop</h2>"
-                 "<table><tr><th>generation</th><th>nearest training crop</th><th>model, prompt, seed</th>"
-                 "<th>style distance (relative)</th><th>pixel correlation</th></tr>")
-    for distance, result, i in candidates[:shown]:
-        p_index, prompt, seed = plan[i]
-        crop_id = result.nearest_crop[i]
-        parts.append(
-            f"<tr><td><img src='{data_uri(cell_image(result.images[i], cell))}'></td>"
-            f"<td><img src='{data_uri(cell_image(crops[crop_id], cell))}'><br><span class='small'>{esc(crop_id)}</span></td>"
-            f"<td>{esc(result.spec.name)}<br>{esc(prompt)}<br>seed {seed}</td><td>{distance:.3f}</td>"
-            f"<td>{result.pixel_correlation[i]:.3f}</td></tr>"
-        )
-    parts.append("</table>")
 
-    # the reference
-    ref_names, ref_images = reference
-    count = min(int(settings.report.reference_shown), len(ref_images))
-    parts.append(f"<h2>Style reference: held-out crops ({count} of {len(ref_images)} shown)</h2><p>")
-    for name, image in list(zip(ref_names, ref_images))[:count]:
-        parts.append(f"<img src='{data_uri(cell_image(image, cell))}' title='{esc(name)}'>")
-    parts.append("</p>")
+def paired(a: np.ndarray, b: np.ndarray, plan: Plan, metrics: DictConfig, alpha: float) -> dict:
+    """Paired effect of row arrays a - b (replicates, images); a row of one replicate (a model
+    without an adapter) pairs with every replicate of the other."""
+    a, b = cube(a, plan), cube(b, plan)
+    if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
+        raise ValueError(f"cannot pair {a.shape[0]} replicates with {b.shape[0]}")
+    s = metrics.stats
+    return paired_effect(a - b, int(s.bootstrap), float(s.confidence), int(s.permutations), int(s.seed)).as_dict(alpha)
+
+
+def clustered(values: np.ndarray, plan: Plan, metrics: DictConfig) -> dict:
+    s = metrics.stats
+    return clustered_mean(cube(values, plan), int(s.bootstrap), float(s.confidence), int(s.seed)).as_dict()
+
+
+def comparisons(rows: list[Row], settings: DictConfig, plan: Plan) -> dict[str, dict]:
+    """Every row against `compare_to`, every `pairs` entry and every adapter row against each
+    colour-matched row: style metric and judge effects (and adherence where measured)."""
+    by_name = {row.name: row for row in rows}
+    alpha = float(settings.alpha)
+    names = [(row.name, str(settings.compare_to)) for row in rows if row.name != str(settings.compare_to)]
+    names += [(str(a), str(b)) for a, b in settings.pairs]
+    names += [(row.name, str(m.name)) for row in rows if row.adapter for m in settings.get("colour_matched") or []]
+    found = {}
+    for model, against in dict.fromkeys(names):
+        a, b = by_name[model], by_name[against]
+        entry = {"style": paired(a.scores, b.scores, plan, settings.metrics, alpha),
+                 "judge": paired(a.judge, b.judge, plan, settings.metrics, alpha)}
+        if a.adherence is not None and b.adherence is not None:
+            entry["adherence"] = paired(a.adherence, b.adherence, plan, settings.metrics, alpha)
+        found[f"{model}_vs_{against}"] = entry
+    return found
+
+
+def verdicts(rows: list[Row], found: dict[str, dict], settings: DictConfig) -> dict:
+    """Style learned (an adapter row beats every colour-matched row on the style metric,
+    significantly) and ArtAug's verdict by both judges, as data and as sentences."""
+    matched = [str(m.name) for m in settings.get("colour_matched") or []]
+    learned, sentences = {}, []
+    for row in (r for r in rows if r.adapter):
+        effects = [found[f"{row.name}_vs_{name}"]["style"] for name in matched]
+        learned[row.name] = bool(effects) and all(e["significant"] and e["mean_difference"] > 0 for e in effects)
+        if not effects:
+            continue
+        weakest = min(zip(matched, effects), key=lambda item: item[1]["mean_difference"])
+        margin = weakest[1]
+        sentences.append(
+            f"{row.name}: style learned beyond a colour filter: **{'yes' if learned[row.name] else 'no'}**. Against "
+            f"its strongest colour-filter baseline ({weakest[0]}) the style_score difference is "
+            f"{margin['mean_difference']:+.3f} [{margin['ci_low']:+.3f}, {margin['ci_high']:+.3f}], "
+            f"p = {margin['p_value']:.4f}, same sign in {margin['replicates_agreeing']} of {margin['replicates']} "
+            "replicate(s)" + ("." if learned[row.name] else "; a lookup table on the base model's colours "
+                              "does as well or better on this metric, so its gain is not shown to be style."))
+    for a, b in settings.pairs:
+        effects = found[f"{a}_vs_{b}"]
+        said = []
+        for judge, label in (("style", "the style metric (which ArtAug's critic and filter also use)"),
+                             ("judge", "the independent judge")):
+            e = effects[judge]
+            direction = "closer to" if e["mean_difference"] > 0 else "further from"
+            said.append(f"by {label}, {a} is {direction} the painter than {b}: {e['mean_difference']:+.4f} "
+                        f"[{e['ci_low']:+.4f}, {e['ci_high']:+.4f}], p = {e['p_value']:.4f} "
+                        f"({'significant' if e['significant'] else 'not significant'}; same sign in "
+                        f"{e['replicates_agreeing']} of {e['replicates']} replicate(s))")
+        sentences.append(f"{a} vs {b}: " + "; ".join(said) + ".")
+    return {"style_learned": learned, "sentences": sentences}
+
+
+def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], scans: list[str], plan: Plan,
+               settings: DictConfig) -> tuple[np.ndarray, dict[str, dict]]:
+    """P(painter) for every generated image (Row.judge) and the painter's own held-out crops; the
+    judge's AUC per row (painter's crops vs the row's images; 0.5: it cannot tell them apart)."""
+    generated = [image for row in rows for image in row.flat_images]
+    prompts = [index for row in rows for _ in row.images for index, _, _ in plan]
+    painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts,
+                                                 JudgeSettings.from_config(settings.judge))
+    start, auc = 0, {}
+    s = settings.metrics.stats
+    for row in rows:
+        count = len(row.flat_images)
+        row.judge = scores[start : start + count].reshape(len(row.images), len(plan))
+        start += count
+        auc[row.name] = clustered_auc(painter_scores, np.array(scans), row.judge.ravel(),
+                                      np.array([index for _ in row.images for index, _, _ in plan]),
+                                      int(s.bootstrap), float(s.confidence), int(s.seed)).as_dict()
+    return painter_scores, auc
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def run(cfg: DictConfig) -> dict:
+    """Paint the prompt x seed set with every model (and replicate), add the colour-filter
+    baselines, and judge them all against the held-out scans; write the verdicts and the report."""
+    settings = cfg.evaluate
+    specs, matched = model_specs(settings)
+    check_adapters(cfg, specs)
+    plan = sample_plan(settings)
+    crop_dir = stage_dir(cfg, "crop")
+    crops = read_jsonl(crop_dir / "crops.jsonl", within={"path": crop_dir})  # no path out of data/crop
+    heldout_rows, train_rows = split_rows(crops, HELDOUT), split_rows(crops, TRAIN)
+    if len(heldout_rows) < 2:
+        raise ValueError(
+            f"evaluate: {crop_dir / 'crops.jsonl'} has {len(heldout_rows)} held-out crop(s); the style reference "
+            "needs at least 2: set data.holdout.scans >= 2 and re-run the crop stage")
+    if len({str(r["scan_id"]) for r in heldout_rows}) < 2:
+        raise ValueError(f"evaluate: the held-out crops in {crop_dir / 'crops.jsonl'} come from one scan; the "
+                         "judge and the intervals need at least 2: set data.holdout.scans >= 2")
+    if len(train_rows) < 2:
+        raise ValueError(f"evaluate: {crop_dir / 'crops.jsonl'} has fewer than 2 training crops")
+    image_scale = float(settings.generation.image_scale)
+    out_dir = stage_dir(cfg, "evaluate")
+    started = time.perf_counter()
+
+    processes = Processes(cfg.model)
+    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model", "replicates")) \
+        if processes.is_main else nullcontext()
+    with tracking:
+        # only the main process measures: the others need no crops, and no VAE roundtrip of them
+        train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
+        rows, roundtrip = paint_rows(cfg, specs, plan, processes, train_crops[1] if settings.vae_roundtrip else [])
+        if not processes.is_main:
+            return {}
+        generation_seconds = time.perf_counter() - started
+        rows += colour_matched_rows(matched, rows, train_crops[1])
+        reference = load_crops(crop_dir, heldout_rows, image_scale)
+        metrics = measure_all(cfg, rows, plan, reference, [str(r["scan_id"]) for r in heldout_rows], train_crops,
+                              roundtrip)
+        metrics["seconds"] = {"generation": round(generation_seconds, 1)}
+        with staged_dir(out_dir / "report") as staging:
+            write_report(staging, cfg, metrics, rows, plan, reference, train_crops, roundtrip)
+            metrics["seconds"]["total"] = round(time.perf_counter() - started, 1)
+            write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
+        results = results_of(metrics)
+        write_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
+        log_summary(headline(metrics), folder=out_dir, note=markdown_summary(metrics))
+        log_to_mlflow(out_dir)
+    print(markdown_summary(metrics), end="")
+    print(f"evaluate: {len(rows)} models x {len(plan)} images in {metrics['seconds']['total']:.0f} s -> {out_dir}")
+    return metrics
+
+
+def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[list[str], list[Image.Image]],
+                scans: list[str], train_crops: tuple[list[str], list[Image.Image]],
+                roundtrip: list[Image.Image]) -> dict:
+    """Both judges on every row, the comparisons and verdicts: the evaluation as data."""
+    settings = cfg.evaluate
+    metrics_cfg = settings.metrics
+    extractor = StyleFeatureExtractor.from_config(metrics_cfg)
+    style = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
+    train_features = extractor.extract(train_crops[1], train_crops[0])
+    memory = StyleModel.fit(train_features, metrics_cfg)
+    clip, adherence_backend = ClipScorer.load(settings.adherence)
+    for row in rows:
+        measure(row, extractor, style, memory, train_crops, plan, settings, clip)
+    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings)
+    found = comparisons(rows, settings, plan)
+    near = float(settings.memorisation.near_copy_distance)
+    models = {}
+    for row in rows:
+        models[row.name] = {
+            "description": row.description,
+            "replicates": len(row.images),
+            "images": int(row.scores.size),
+            "style_score": clustered(row.scores, plan, metrics_cfg),
+            "kid": row.kid.as_dict(),
+            "judge_p_painter": clustered(row.judge, plan, metrics_cfg),
+            "judge_auc": judge_auc[row.name],
+            "adherence": NOT_AVAILABLE if row.adherence is None else clustered(row.adherence, plan, metrics_cfg),
+            "diversity": float(np.mean(list(row.diversity.values()))) if row.diversity else None,
+            "memorisation": {"min_distance": float(row.nearest_distance.min()),
+                             "mean_distance": float(row.nearest_distance.mean()),
+                             "near_copies": int((row.nearest_distance < near).sum()),
+                             "max_pixel_correlation": float(row.pixel_correlation.max())},
+            "seconds_generation": round(row.seconds, 2),
+        }
+    s = metrics_cfg.stats
+    references = {"training_crops": style.score(train_features)}
     if roundtrip:
-        count = min(int(settings.report.reference_shown), len(roundtrip))
-        parts.append(f"<h2>Training crops (top) and their VAE encode + decode (bottom): the ceiling of every "
-                     f"model ({count} of {len(roundtrip)} shown)</h2><table><tr>")
-        parts += [f"<td><img src='{data_uri(cell_image(image, cell))}' title='{esc(name)}'><br>"
-                  f"<img src='{data_uri(cell_image(decoded, cell))}'></td>"
-                  for name, image, decoded in list(zip(*train_crops, roundtrip))[:count]]
-        parts.append("</tr></table>")
-    parts.append(f"<p class='small'>Prompt adherence: {esc(metrics['adherence_backend'])}.</p></body></html>")
-    return "\n".join(parts)
+        references["training_crops_through_the_vae"] = style.score(extractor.extract(roundtrip))
+    return {
+        "compare_to": str(settings.compare_to),
+        "pairs": [[str(a), str(b)] for a, b in settings.pairs],
+        "colour_matched": [str(m.name) for m in settings.get("colour_matched") or []],
+        "alpha": float(settings.alpha),
+        "plan": {"prompts": [str(p) for p in settings.prompts], "seeds": [int(x) for x in settings.seeds],
+                 "replicates": int(cfg.replicates.count)},
+        "generation": {"size": "x".join(map(str, generation_size(settings))), "steps": int(settings.generation.steps),
+                       "guidance": float(settings.generation.guidance)},
+        "reference": {"heldout_scans": sorted(set(scans)), "heldout_crops": len(scans),
+                      "train_crops": len(train_crops[0]), "typical_distance": style.typical_distance,
+                      "judge_p_painter_heldout": float(painter_judge.mean())},
+        "references": {name: {"count": len(values),
+                              "style_score": clustered_mean(values[None, :, None], int(s.bootstrap), float(s.confidence),
+                                                            int(s.seed)).as_dict()}
+                       for name, values in references.items()},
+        "adherence_backend": adherence_backend,
+        "memorisation_threshold": near,
+        "models": models,
+        "comparisons": found,
+        "verdicts": verdicts(rows, found, settings),
+        "runtime": runtime.describe(),
+        "per_image": per_image_rows(rows, plan, str(settings.compare_to)),
+        "diversity_per_prompt": {row.name: row.diversity for row in rows},
+    }
+
+
+def per_image_rows(rows: list[Row], plan: Plan, baseline: str) -> list[dict]:
+    """One row per model, replicate and image (scores.csv; the DVC plots read model, prompt,
+    style_score and vs_baseline)."""
+    base = next(row for row in rows if row.name == baseline)
+    table = []
+    for row in rows:
+        for r, replicate in enumerate(row.images):
+            base_scores = base.scores[r if len(base.images) > 1 else 0]
+            for i, (p_index, content, seed) in enumerate(plan):
+                table.append({
+                    "model": row.name, "replicate": r, "sample": i, "prompt_index": p_index, "prompt": content,
+                    "seed": seed, "style_score": round(float(row.scores[r, i]), 6),
+                    "vs_baseline": round(float(row.scores[r, i] - base_scores[i]), 6),
+                    "judge_p_painter": round(float(row.judge[r, i]), 6),
+                    "adherence": "" if row.adherence is None else round(float(row.adherence[r, i]), 4),
+                    "nearest_train_crop": row.nearest_crop[r][i],
+                    "nearest_train_distance": round(float(row.nearest_distance[r, i]), 6),
+                    "pixel_correlation": round(float(row.pixel_correlation[r, i]), 6),
+                    "image": image_path(row.name, r, p_index, seed),
+                })
+    return table
+
+
+def image_path(model: str, replicate: int, prompt_index: int, seed: int) -> str:
+    return f"images/{model}/r{replicate}_p{prompt_index:02d}_s{seed}.png"
 
 
 def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
@@ -546,167 +536,79 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-# --- the stage ----------------------------------------------------------------------------------
-
-
-def run(cfg: DictConfig) -> dict:
-    """Generate the prompt x seed set with every model and measure style fidelity (against the
-    held-out scans), paired gains over the baseline, adherence, diversity and memorisation."""
+def write_report(folder: Path, cfg: DictConfig, metrics: dict, rows: list[Row], plan: Plan,
+                 reference: tuple[list[str], list[Image.Image]], train_crops: tuple[list[str], list[Image.Image]],
+                 roundtrip: list[Image.Image]) -> None:
     settings = cfg.evaluate
-    metrics_cfg = settings.metrics
-    specs = model_specs(settings)
-    plan = sample_plan(settings)
-    prompts, seeds = [str(p) for p in settings.prompts], [int(s) for s in settings.seeds]
-    crop_dir = stage_dir(cfg, "crop")
-    crops = read_jsonl(crop_dir / "crops.jsonl", within={"path": crop_dir})  # no path out of data/crop
-    heldout_rows, train_rows = split_rows(crops, HELDOUT), split_rows(crops, TRAIN)
-    if len(heldout_rows) < 2:
-        raise ValueError(
-            f"evaluate: {crop_dir / 'crops.jsonl'} has {len(heldout_rows)} held-out crop(s); the style reference "
-            "needs at least 2: set data.holdout.scans >= 1 and re-run the crop stage"
-        )
-    if len(train_rows) < 2:
-        raise ValueError(f"evaluate: {crop_dir / 'crops.jsonl'} has fewer than 2 training crops")
-    image_scale = float(settings.generation.image_scale)
-    out_dir = stage_dir(cfg, "evaluate")
-    started = time.perf_counter()
+    table = metrics.pop("per_image")
+    for row in rows:
+        (folder / "images" / row.name).mkdir(parents=True)
+        for r, replicate in enumerate(row.images):
+            for image, (p_index, _, seed) in zip(replicate, plan):
+                image.save(folder / image_path(row.name, r, p_index, seed))
+    write_csv(folder / "scores.csv", table, list(table[0]))
+    prompts = metrics["plan"]["prompts"]
+    per_prompt = [{"prompt_index": i, "prompt": p,
+                   **{row.name: round(float(cube(row.scores, plan)[:, i].mean()), 6) for row in rows},
+                   **{f"{row.name}_diversity": row.diversity.get(i) for row in rows}} for i, p in enumerate(prompts)]
+    write_csv(folder / "per_prompt.csv", per_prompt, list(per_prompt[0]))
+    draw_grid(rows, plan, prompts, int(settings.report.cell), int(settings.report.grid_seeds)).save(folder / "grid.png")
+    (folder / "summary.md").write_text(markdown_summary(metrics), encoding="utf-8")
+    (folder / "report.html").write_text(render_report(metrics, rows, plan, reference, train_crops, roundtrip, settings),
+                                        encoding="utf-8")
 
-    processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model")) if processes.is_main else nullcontext()
-    with tracking:
-        # only the main process scores: the others need no crops, and no VAE roundtrip of them
-        train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
-        results, roundtrip = generate_all(cfg, specs, plan, processes, train_crops[1] if settings.vae_ceiling else [])
-        generation_seconds = time.perf_counter() - started
-        if not processes.is_main:
-            return {}
-        with staged_dir(out_dir) as staging:
-            import mlflow
 
-            extractor = StyleFeatureExtractor.from_config(metrics_cfg)
-            reference = load_crops(crop_dir, heldout_rows, image_scale)
-            style_model = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
-            train_features = extractor.extract(train_crops[1], train_crops[0])
-            train_model = StyleModel.fit(train_features, metrics_cfg)
+def results_of(metrics: dict) -> dict:
+    """What results.json commits: per row the style_score and judge AUC intervals, the references,
+    every comparison (both judges) and the verdicts; rounded, so a diff reads as a change."""
+    def triple(entry: dict) -> list[float]:
+        return [round(entry["value"], 4), round(entry["ci_low"], 4), round(entry["ci_high"], 4)]
 
-            clip, adherence_backend = ClipScorer.load(settings.adherence)
-            prompt_index = np.array([index for index, _, _ in plan])
-            train_thumbs = thumbnail_vectors(train_crops[1], int(settings.memorisation.pixel_size))
-            for result in results:
-                result.features = extractor.extract(result.images, [f"{result.spec.name}/{i}" for i in range(len(plan))])
-                result.scores = style_model.score(result.features)
-                index, distance = train_model.nearest_references(result.features)
-                result.nearest_crop = [train_crops[0][i] for i in index]
-                result.nearest_distance = distance / train_model.typical_distance
-                thumbs = thumbnail_vectors(result.images, int(settings.memorisation.pixel_size))
-                result.pixel_correlation = np.einsum("ij,ij->i", thumbs, train_thumbs[index])
-                if clip is not None:
-                    result.adherence = clip.score(result.images, [content for _, content, _ in plan])
+    def effect(entry: dict) -> dict:
+        keys = ("mean_difference", "ci_low", "ci_high", "p_value")
+        return {**{k: round(entry[k], 4) for k in keys}, "significant": entry["significant"],
+                "replicates_agreeing": entry["replicates_agreeing"], "replicates": entry["replicates"]}
 
-            # --- metrics -----------------------------------------------------------------------
-            alpha = float(settings.alpha)
-            near = float(settings.memorisation.near_copy_distance)
-            baseline = next(r for r in results if r.spec.name == str(settings.compare_to))
-            models, per_prompt = {}, [{"prompt_index": i, "prompt": p} for i, p in enumerate(prompts)]
-            for result in results:
-                spread, spread_per_prompt = diversity(style_model, result.features, prompt_index)
-                for i, row in enumerate(per_prompt):
-                    row[result.spec.name] = round(float(result.scores[prompt_index == i].mean()), 6)
-                    row[f"{result.spec.name}_diversity"] = spread_per_prompt.get(i)
-                entry = {
-                    "adapter": str(result.spec.adapter) if result.spec.adapter else None,
-                    "prompt_template": result.spec.prompt("<prompt>"),
-                    "images": len(result.images),
-                    "style_score": interval(result.scores, style_model),
-                    "kid": style_model.set_distance(result.features).as_dict(),
-                    "adherence": NOT_AVAILABLE if result.adherence is None else interval(result.adherence, style_model),
-                    "diversity": spread,
-                    "memorisation": {
-                        "min_distance": float(result.nearest_distance.min()),
-                        "mean_distance": float(result.nearest_distance.mean()),
-                        "near_copies": int((result.nearest_distance < near).sum()),
-                        "max_pixel_correlation": float(result.pixel_correlation.max()),
-                    },
-                    "seconds_generation": round(result.seconds, 2),
-                }
-                if result is not baseline:
-                    entry["vs_baseline"] = paired(result.scores, baseline.scores, style_model, alpha)
-                    if result.adherence is not None and baseline.adherence is not None:
-                        entry["adherence_vs_baseline"] = paired(result.adherence, baseline.adherence, style_model, alpha)
-                models[result.spec.name] = entry
-            by_name = {result.spec.name: result for result in results}
-            comparisons = {
-                f"{model}_vs_{against}": paired(by_name[model].scores, by_name[against].scores, style_model, alpha)
-                for model, against in ((str(a), str(b)) for a, b in settings.pairs)
-            }
-            width, height = generation_size(settings)
-            train_scores = style_model.score(train_features)
-            metrics = {
-                "compare_to": baseline.spec.name,
-                "alpha": alpha,
-                "reference": {
-                    "heldout_scans": sorted({str(r["scan_id"]) for r in heldout_rows}),
-                    "heldout_crops": len(heldout_rows),
-                    "train_crops": {"count": len(train_rows), "style_score": interval(train_scores, style_model),
-                                    "kid": style_model.set_distance(train_features).as_dict()},
-                    "vae_ceiling": None if not roundtrip else {
-                        "style_score": interval(style_model.score(extractor.extract(roundtrip)), style_model),
-                        "kid": style_model.set_distance(extractor.extract(roundtrip)).as_dict(),
-                    },
-                    "typical_distance": style_model.typical_distance,
-                },
-                "generation": {"size": f"{width}x{height}", "steps": int(settings.generation.steps),
-                               "guidance": float(settings.generation.guidance), "prompts": len(prompts),
-                               "seeds": len(seeds)},
-                "adherence_backend": adherence_backend,
-                "memorisation_threshold": near,
-                "models": models,
-                "comparisons": comparisons,
-            }
+    return {
+        "alpha": metrics["alpha"], "replicates": metrics["plan"]["replicates"],
+        "prompts": len(metrics["plan"]["prompts"]), "seeds": len(metrics["plan"]["seeds"]),
+        "reference": {"heldout_scans": len(metrics["reference"]["heldout_scans"]),
+                      "heldout_crops": metrics["reference"]["heldout_crops"]},
+        "models": {name: {"style_score": triple(m["style_score"]), "judge_auc": triple(m["judge_auc"])}
+                   for name, m in metrics["models"].items()},
+        "references": {name: {"style_score": triple(r["style_score"])} for name, r in metrics["references"].items()},
+        "comparisons": {name: {judge: effect(e) for judge, e in c.items() if judge in ("style", "judge")}
+                        for name, c in metrics["comparisons"].items()},
+        "verdicts": metrics["verdicts"],
+        "runtime": metrics["runtime"],
+    }
 
-            # --- files ---------------------------------------------------------------------------
-            rows = []
-            for result in results:
-                folder = staging / "images" / result.spec.name
-                folder.mkdir(parents=True)
-                for i, (p_index, content, seed) in enumerate(plan):
-                    relative = f"images/{result.spec.name}/p{p_index:02d}_s{seed}.png"
-                    result.images[i].save(staging / relative)
-                    rows.append({
-                        "model": result.spec.name, "sample": i, "prompt_index": p_index, "prompt": content,
-                        "seed": seed, "style_score": round(float(result.scores[i]), 6),
-                        "vs_baseline": round(float(result.scores[i] - baseline.scores[i]), 6),
-                        "adherence": "" if result.adherence is None else round(float(result.adherence[i]), 4),
-                        "nearest_train_crop": result.nearest_crop[i],
-                        "nearest_train_distance": round(float(result.nearest_distance[i]), 6),
-                        "pixel_correlation": round(float(result.pixel_correlation[i]), 6),
-                        "image": relative,
-                    })
-            columns = list(rows[0])
-            write_csv(staging / "scores.csv", rows, columns)
-            write_csv(staging / "per_prompt.csv", per_prompt,
-                      ["prompt_index", "prompt", *models, *(f"{n}_diversity" for n in models)])
-            draw_grid(results, plan, prompts, seeds, int(settings.report.cell), int(settings.report.grid_seeds)) \
-                .save(staging / "grid.png")
-            (staging / "summary.md").write_text(markdown_table(metrics), encoding="utf-8")
-            report = render_report(metrics, per_prompt, results, plan, prompts, seeds, reference, train_crops, settings,
-                                   roundtrip)
-            (staging / "report.html").write_text(report, encoding="utf-8")
-            metrics["seconds"] = {"generation": round(generation_seconds, 2),
-                                  "total": round(time.perf_counter() - started, 2)}
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
 
-            # --- MLflow --------------------------------------------------------------------------
-            log_summary(headline(metrics), folder=staging, note=markdown_table(metrics))
-            mlflow.set_tag("evaluate.adherence", adherence_backend)
-            mlflow.log_table({key: [row[key] for row in rows] for key in columns}, artifact_file="evaluate/scores.json")
-            for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):
-                mlflow.log_artifact(str(staging / name), artifact_path="evaluate")
-            log_picture(staging / "grid.png", "evaluate")
+def headline(metrics: dict) -> dict:
+    """The few numbers `dvc metrics show` and the MLflow runs table show for an evaluation
+    (data/evaluate/headline.json): each adapter row's style_score gain over `compare_to` and its
+    smallest margin over a colour-filter baseline, and each `pairs` difference by both judges."""
+    numbers = {}
+    found = metrics["comparisons"]
+    for name in metrics["verdicts"]["style_learned"]:
+        numbers[f"{name}_gain"] = found[f"{name}_vs_{metrics['compare_to']}"]["style"]["mean_difference"]
+        margins = [found[f"{name}_vs_{other}"]["style"]["mean_difference"] for other in metrics["colour_matched"]]
+        if margins:
+            numbers[f"{name}_over_colour_filter"] = min(margins)
+    for model, against in metrics["pairs"]:
+        numbers[f"{model}_vs_{against}"] = found[f"{model}_vs_{against}"]["style"]["mean_difference"]
+        numbers[f"{model}_vs_{against}_judge"] = found[f"{model}_vs_{against}"]["judge"]["mean_difference"]
+    return numbers
 
-    print(markdown_table(metrics), end="")
-    print(f"evaluate: {len(results)} models x {len(plan)} images in {metrics['seconds']['total']:.0f} s -> {out_dir}")
-    return metrics
+
+def log_to_mlflow(out_dir: Path) -> None:
+    import mlflow
+
+    report = out_dir / "report"
+    for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):
+        mlflow.log_artifact(str(report / name), artifact_path="evaluate")
+    mlflow.log_artifact(str(out_dir / "results.json"), artifact_path="evaluate")
+    log_picture(report / "grid.png", "evaluate")
 
 
 main = hydra_entry(run)

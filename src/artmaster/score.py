@@ -186,6 +186,8 @@ def validate_folders(painter_dir: Path, others_dir: Path, metrics: DictConfig, g
         "block_weights": chosen.weights if chosen else {k: float(v) for k, v in metrics.model.block_weights.items()},
         "weights_chosen": chosen is not None,
         "misretrieved": [{"file": file, "nearest": nearest} for file, nearest in result.misretrieved],
+        "painter_scores": {name: float(v) for name, v in zip(painter.names, result.painter_scores)},
+        "others_scores": {name: float(v) for name, v in zip(others.names, result.others_scores)},
         "skipped": skipped,
         **_summary(metrics, extractor),
     }

@@ -88,6 +88,8 @@ class FeatureSettings:
     colour_bands: tuple[float, ...]
     chroma_quantiles: tuple[float, ...]
     neighbour_distances: tuple[int, ...]
+    equalisation_clip: float
+    min_chroma: float
     detail_sigma: float
     ab_bins: int
     ab_range: float
@@ -103,6 +105,8 @@ class FeatureSettings:
             blur=float(metrics.image.blur),
             texture_scales=tuple(int(s) for s in metrics.tone_texture.scales),
             texture_thresholds=tuple(float(t) for t in metrics.tone_texture.thresholds),
+            equalisation_clip=float(metrics.tone_texture.equalisation_clip),
+            min_chroma=float(metrics.colour_structure.min_chroma),
             colour_bands=tuple(float(s) for s in metrics.colour_structure.bands),
             chroma_quantiles=tuple(float(q) for q in metrics.colour_structure.chroma_quantiles),
             neighbour_distances=tuple(int(d) for d in metrics.colour_structure.neighbour_distances),
@@ -244,6 +248,20 @@ def _tile_starts(length: int, tile: int) -> np.ndarray:
     return np.linspace(0, length - tile, count).round().astype(np.int64)
 
 
+def equalise_lightness(lightness: np.ndarray, clip: float) -> np.ndarray:
+    """L* (0-100) through contrast-limited histogram equalisation, to [0, 1]: the histogram of
+    1-L* bins is clipped at `clip` times its mean height (the excess spread evenly) before its CDF
+    becomes the tone map. A global tone curve then hardly moves the result, while the map's slope
+    stays at most `clip` times the identity's, so JPEG noise on flat paper is not blown up into
+    texture (plain equalisation, clip = inf, would rank that noise across a wide range)."""
+    counts, _ = np.histogram(lightness, bins=100, range=(0.0, 100.0))
+    limit = clip * counts.sum() / 100
+    clipped = np.minimum(counts, limit)
+    clipped += (counts.sum() - clipped.sum()) / 100
+    cdf = np.concatenate([[0.0], np.cumsum(clipped)]) / clipped.sum()
+    return np.interp(lightness, np.arange(101, dtype=np.float64), cdf)
+
+
 def _rank_normalised(values: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Each value's rank among `values` (along `axis`), ties sharing their mean rank, mapped to [0, 1]:
     unchanged by any increasing function of the values (a tone curve, a contrast change)."""
@@ -251,16 +269,18 @@ def _rank_normalised(values: np.ndarray, axis: int | None = None) -> np.ndarray:
     return (rankdata(values, method="average", axis=axis) - 1.0) / max(count - 1, 1)
 
 
-def _band_shares(channel: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+def _band_shares(channel: np.ndarray, sigmas: Sequence[float], floor: float) -> np.ndarray:
     """(tiles, h, w) -> (tiles, len(sigmas) + 1): the square root of the share of each tile's
     variance in difference-of-Gaussians bands (finest first) and in what is left above the
-    coarsest; whether a quantity varies in dots, strokes or broad washes."""
+    coarsest; whether a quantity varies in dots, strokes or broad washes. Shares are of at least
+    `floor`^2, so a tile where the quantity hardly varies has small shares, not ones its noise
+    (JPEG blocks, grain) decides."""
     levels = [channel.astype(np.float64)]
     levels += [ndimage.gaussian_filter(levels[0], (0, sigma, sigma), mode="reflect") for sigma in sigmas]
     bands = [finer - coarser for finer, coarser in zip(levels, levels[1:])]
     bands.append(levels[-1] - levels[-1].mean(axis=(1, 2), keepdims=True))
     energy = np.stack([(band**2).mean(axis=(1, 2)) for band in bands], axis=1)
-    return np.sqrt(energy / np.maximum(energy.sum(axis=1, keepdims=True), 1e-12))
+    return np.sqrt(energy / np.maximum(energy.sum(axis=1, keepdims=True), floor**2))
 
 
 def _row_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -344,11 +364,11 @@ class StyleFeatureExtractor:
     def prepare(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
         """An image at scale as (CIE Lab, equalised L* in [0, 1]), both (H, W[, 3]).
 
-        Equalisation is over the whole image (each pixel's rank of L* among its pixels, ties
-        sharing their mean rank), so a region's tiles see the same tone mapping as the image."""
+        Equalisation is over the whole image, so a region's tiles see the same tone mapping as the
+        image; it is contrast-limited (`equalise_lightness`), so flat paper stays flat."""
         scaled, _, _ = self.at_scale(to_rgb(image))
         lab = rgb_to_lab(np.asarray(scaled, dtype=np.float32) / 255.0)
-        return lab, _rank_normalised(lab[..., 0].ravel()).reshape(lab.shape[:2])
+        return lab, equalise_lightness(lab[..., 0], self.settings.equalisation_clip)
 
     def tile_features(self, lab_tiles: np.ndarray, tone_tiles: np.ndarray) -> np.ndarray:
         """(tiles, h, w, 3) Lab and (tiles, h, w) equalised L* -> (tiles, tile_dim) features."""
@@ -382,8 +402,10 @@ class StyleFeatureExtractor:
         s = self.settings
         tiles = lab.shape[0]
         chroma = np.hypot(lab[..., 1], lab[..., 2])
-        parts = [_band_shares(channel, s.colour_bands) for channel in (chroma, lab[..., 1], lab[..., 2])]
-        chroma_rank = _rank_normalised(chroma.reshape(tiles, -1), axis=1).reshape(chroma.shape)
+        parts = [_band_shares(channel, s.colour_bands, s.min_chroma) for channel in (chroma, lab[..., 1], lab[..., 2])]
+        # ranks among the tile's coloured pixels only: in a grey tile, JPEG noise would decide them
+        coloured = chroma > s.min_chroma
+        chroma_rank = np.where(coloured, _rank_normalised(chroma.reshape(tiles, -1), axis=1).reshape(chroma.shape), 0.0)
         flat_tone = tone.reshape(tiles, -1)
         for quantile in s.chroma_quantiles:
             most = (chroma_rank >= quantile).reshape(tiles, -1)

@@ -73,13 +73,16 @@ class JointMatcher:
     def __call__(self, image: Image.Image) -> Image.Image:
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
         colours = rgb.reshape(-1, 3)
-        quantiles = (np.arange(len(colours)) + 0.5) / len(colours)
         reference_quantiles = (np.arange(len(self.reference)) + 0.5) / len(self.reference)
         for rotation in self.rotations:
             rotated, target = colours @ rotation, np.sort(self.reference @ rotation, axis=0)
             for axis in range(3):
-                order = np.argsort(rotated[:, axis], kind="stable")
-                rotated[order, axis] = np.interp(quantiles, reference_quantiles, target[:, axis])
+                # each value's mid-rank quantile: equal colours share it, so the map is a function
+                # of the colour alone (a lookup table), as a filter is
+                values = np.sort(rotated[:, axis])
+                rank = (np.searchsorted(values, rotated[:, axis], "left")
+                        + np.searchsorted(values, rotated[:, axis], "right")) / 2
+                rotated[:, axis] = np.interp(rank / len(values), reference_quantiles, target[:, axis])
             colours = rotated @ rotation.T
         return Image.fromarray(np.clip(np.round(colours), 0, 255).astype(np.uint8).reshape(rgb.shape))
 
