@@ -27,12 +27,11 @@ class SweepTracking(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         import mlflow
 
-        from artmaster.tracking import check_store, experiment_id_for, tracking_uri
+        from artmaster.tracking import connect, experiment_id_for
 
         if not config.tracking.get("enabled", True):  # tracking.enabled=false: no parent run either
             return
-        check_store(tracking_uri(config), float(config.tracking.get("timeout_s") or 10))
-        mlflow.set_tracking_uri(tracking_uri(config))
+        connect(config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
         overrides = " ".join(config.hydra.overrides.task)
         run = mlflow.start_run(
