@@ -2,10 +2,10 @@
 
 For each mode it writes one square file just under `data.ingest.max_image_pixels` (flat paper with
 a gradient patch: the memory depends on the size and the mode, not on the picture), then ingests it
-in a fresh process with `ingest.ingest_file`, as the stage does, and prints that process's peak RSS,
-the rise over its RSS before the file (Python, numpy, PIL and the config loaded) and the rise per
-decoded byte (`ingest.decoded_bytes`). The RGB JPEG row shows the reduced decode (JPEG draft) that
-JPEGs get. Writes JSON.
+in a fresh process with `ingest.ingest_file`, as the stage does, and prints that process's peak RSS
+while ingesting it (VmHWM, Linux), the rise over its RSS before the file (Python, numpy, PIL and the
+config loaded) and the rise per decoded byte (`ingest.decoded_bytes`). The RGB JPEG row shows the
+reduced decode (JPEG draft) that JPEGs get. Writes JSON.
 
     python benchmarks/ingest_memory.py                          # the largest accepted scans (~200 MP)
     python benchmarks/ingest_memory.py --megapixels 20 --modes 'I;16' RGB --json mem.json
@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,17 +52,32 @@ def write_scan(mode: str, side: int, folder: Path) -> Path:
     return path
 
 
+def memory_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the process started or `reset_peak`) of this process (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def reset_peak() -> None:
+    """Start VmHWM afresh from the current RSS (Linux 4.0+; ru_maxrss cannot be reset, and after a
+    fork it already counts the parent's memory)."""
+    Path("/proc/self/clear_refs").write_text("5")
+
+
 def child(path: Path) -> None:
     """Ingest one file in this (fresh) process; print one JSON line."""
     from artmaster.config import compose
     from artmaster.ingest import Deduplicator, decompression_guard, ingest_file
 
     settings = compose().data.ingest
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = memory_mib("VmRSS")
+    reset_peak()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as images, decompression_guard(settings.max_image_pixels):
         row, _ = ingest_file(path, path.name, None, settings, Deduplicator(0), Path(images), path.parent)
-    print(json.dumps({"baseline_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    print(json.dumps({"baseline_mb": before, "peak_mb": memory_mib("VmHWM"),
                       "seconds": time.perf_counter() - started, "status": row["status"],
                       "reason": row["reason"], "mode": row["mode"], "size": row["declared_size"]}))
 

@@ -283,7 +283,7 @@ def normalise(image: Image.Image, settings: DictConfig, steps: list[str]) -> Ima
     image = _colour_manage(image, settings, steps)
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, tuple(int(v) for v in settings.alpha_background))
-        background.paste(image, mask=image.getchannel("A"))
+        background.paste(image, mask=image)  # its alpha band: no separate copy of it
         steps.append(f"alpha composited onto {tuple(settings.alpha_background)}")
         image = background
     elif image.mode not in {"RGB", "L"}:
