@@ -24,7 +24,7 @@ from launch import offline_env
 from safetensors.torch import load_file
 from test_augment import FAST as AUGMENT_FAST
 from test_augment import upstream  # noqa: F401 - a fixture
-from test_train import FAST, Killed, assets, make_run_cfg, reference  # noqa: F401 - fixtures
+from test_train import FAST, assets, killed_at_step, make_run_cfg, reference  # noqa: F401 - fixtures
 
 from artmaster import augment, train
 from artmaster.config import ConfigError, project_root
@@ -217,30 +217,14 @@ def _flip_bit(path: Path, tensor: str) -> None:
     path.write_bytes(bytes(data))
 
 
-def _killed_after_checkpoint_8(cfg, monkeypatch) -> Path:
-    real_step = train.training_step
-
-    def dies_at_step_9(state, micro_batches, step, generators):
-        if step == 9:
-            raise Killed
-        return real_step(state, micro_batches, step, generators)
-
-    monkeypatch.setattr(train, "training_step", dies_at_step_9)
-    with pytest.raises(Killed):
-        train.run(cfg)
-    monkeypatch.undo()
-    return Path(cfg.paths.data_dir) / "train"
-
-
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_intact_one(
     reference, assets, tmp_path, monkeypatch, capsys  # noqa: F811
 ):
     _, metrics_ref, out_ref = reference
     cfg = make_run_cfg(assets, tmp_path)
-    out = _killed_after_checkpoint_8(cfg, monkeypatch)
+    killed_at_step(cfg, monkeypatch, 9)  # after the checkpoint of step 8
+    out = tmp_path / "data" / "train"
     newest = out / "checkpoints" / "step-000008"
-    recorded = json.loads((newest / "meta.json").read_text())["files"]
-    assert sorted(recorded) == ["adapter.safetensors", "training_state.pt"]  # every file hashed when written
     _flip_bit(newest / "adapter.safetensors", ".lora_A.")
     capsys.readouterr()
 
@@ -251,6 +235,8 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_int
     assert steps == list(range(5, 13))  # resumed from step-000004, the newest intact one
     _same_adapter(out, out_ref)
     assert metrics["loss"] == metrics_ref["loss"]
+    recorded = json.loads((out / "checkpoints" / "step-000012" / "meta.json").read_text())["files"]
+    assert sorted(recorded) == ["adapter.safetensors", "training_state.pt"]  # every file hashed when written
 
     _flip_bit(out / "checkpoints" / "step-000012" / "adapter.safetensors", ".lora_B.")
     with pytest.raises(ConfigError, match=r"train\.resume=.*step-000012: .*adapter\.safetensors does not match"):
