@@ -270,7 +270,8 @@ def test_unknown_backend_is_a_clear_error(make):
         ("s1-128x128-00: !!python/object/apply:os.system [echo pwned]\n",
          r"overrides\.yaml:1: not valid caption overrides YAML \(could not determine a constructor for the tag "
          r"'tag:yaml\.org,2002:python/object/apply:os\.system'\); fix or empty the file"),
-        ("s1-128x128-00: 5\n", r"overrides\.yaml: the override for 's1-128x128-00' must be a non-empty string, got int 5"),
+        ("s1-128x128-00: 5\n",
+         r"overrides\.yaml: the override for 's1-128x128-00' must be a non-empty string, got int 5"),
         ("s1-128x128-00:\n  nested: map\n", r"the override for 's1-128x128-00' must be a non-empty string, got dict"),
     ],
     ids=["malformed", "python_tag", "number", "mapping"],

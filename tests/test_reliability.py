@@ -429,8 +429,9 @@ def test_the_command_says_in_one_line_what_is_out_of_range_or_missing_before_any
 
     write_fixture_data(tmp_path / "data", [SQUARE] * 2)  # crops and captions: train gets as far as the model
     done = subprocess.run(
-        [sys.executable, "-m", "artmaster.cli", "train", "experiment=artmaster_flux", f"paths.data_dir={tmp_path / 'data'}",
-         "tracking.enabled=false", "model.repo_id=artmaster-tests/not-downloaded"],
+        [sys.executable, "-m", "artmaster.cli", "train", "experiment=artmaster_flux",
+         f"paths.data_dir={tmp_path / 'data'}", "tracking.enabled=false",
+         "model.repo_id=artmaster-tests/not-downloaded"],
         cwd=project_root(), env={**offline_env(), "HF_HUB_CACHE": str(tmp_path / "empty_cache")}, capture_output=True,
         text=True, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr

@@ -98,7 +98,9 @@ def _stat_size(path: Path) -> int:
         info = path.stat()
     except OSError as error:
         if error.errno == errno.ELOOP:
-            raise ScanRejected("symlink_loop", f"symbolic link loop ({printable(path.name)} -> {printable(os.readlink(path))})") from None
+            raise ScanRejected(
+                "symlink_loop", f"symbolic link loop ({printable(path.name)} -> {printable(os.readlink(path))})"
+            ) from None
         if path.is_symlink():
             raise ScanRejected(
                 "broken_link", f"symbolic link to {printable(os.readlink(path))}, which does not exist"
@@ -134,10 +136,9 @@ def _unidentified(path: Path) -> ScanRejected:
     """Why PIL could not open a file: the format's own error when it starts like a known image."""
     with open(path, "rb") as handle:
         head = handle.read(16)
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        head = b"WEBP"
-    kind = next((name for signature, name in (*SIGNATURES.items(), (b"WEBP", "WEBP")) if head.startswith(signature)),
-                None)
+    kind = next((name for signature, name in SIGNATURES.items() if head.startswith(signature)), None)
+    if kind is None and head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        kind = "WEBP"
     if kind is None:
         return ScanRejected("not_an_image", "not an image file PIL can decode (unknown format)")
     try:

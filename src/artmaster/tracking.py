@@ -22,8 +22,8 @@ from artmaster.config import ConfigError, params_hash, project_root, store_root
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 # MLflow's HTTP request bounds as the user's environment set them (they win over tracking.*)
-HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")
-_USER_HTTP_BOUNDS = {name: os.environ.get(name) for name in HTTP_BOUNDS}
+_USER_HTTP_BOUNDS = {name: os.environ.get(name)
+                     for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
 
 
 def tracking_uri(cfg: DictConfig) -> str:
