@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
-from artmaster import train
+from artmaster import runtime, train
 from artmaster.config import compose
 from artmaster.models import build_random_pipeline
 
@@ -62,8 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = compose(["experiment=demo", *args.overrides])
-    if cfg.train.cpu_threads:
-        torch.set_num_threads(int(cfg.train.cpu_threads))
+    runtime.apply(cfg.runtime)
     accelerator = Accelerator(cpu=True, mixed_precision=str(cfg.train.mixed_precision))
     pipe = build_random_pipeline(cfg.model, with_text_encoders=False)
     encodings, ids_by_size = synthetic_encodings(cfg, args.crops_per_bucket)

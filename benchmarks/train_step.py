@@ -1,35 +1,41 @@
-"""FLUX.1-dev-size training speed: the `train` stage's own optimizer step, timed on one GPU.
+"""FLUX.1-dev-size training speed: the `train` stage's own optimizer step against a
+diffusers-example-style step, timed on one GPU in the same process.
 
 Builds the full FLUX.1-dev transformer with random bf16 weights (`model=flux_dev_random`, no text
-encoders: the stage caches encodings and frees them), composes the reference recipe
-(`experiment=artmaster_flux`: AdaLoRA init_r 12 -> target_r 8 on the 418-module attention + MLP
-set, bf16, AdamW fused on CUDA, batch 1), feeds random tensors shaped like the cached encodings
-(VAE posterior at 512x512 / 512x768, T5 embeddings at the recipe's length and at 512) and times
-`artmaster.train.training_step` -- wrapping, optimizer and allocator by
-`artmaster.train.build_training_state` -- in the budget phase of a 6000-step schedule (importance
-update every step, a rank re-allocation every delta_t steps).
+encoders: the stage caches encodings and frees them), feeds random tensors shaped like the cached
+encodings (VAE posterior at 512x512 / 512x768, T5 embeddings at the recipe's 128 tokens and at 512)
+and times, batch 1 unless noted, in the budget phase of a 6000-step AdaLoRA schedule (importance
+update every step, a rank re-allocation every delta_t steps):
 
-Rows (each on the same model, in this order; a row starts only while --budget seconds remain;
---only KEY,... picks rows by `Row.key`, e.g. adalora_bf16-512x512-t128-ckpt):
-- base_floor: the frozen transformer alone, forward + input-gradient backward (what no adapter can beat)
-- adalora_before: the step as train.py ran it before the speed levers: bf16 autocast with peft's
-  fp32 input copies, orthogonal term through autograd, eager
-- adalora_eager / lora_eager: autocast without the input copies, direct orthogonal gradient, eager
-  (plain LoRA: peft LoraConfig at r = init_r on the same modules, same optimizer, no allocator)
-- adalora / lora: + regional torch.compile (`model.compile`)
-- *_bf16: bf16 weights without autocast (`train.mixed_precision: "no"`, the recipe): the LoRA
-  branch runs in fp32 on peft's input copy
-- adalora_bf16_cg: + CUDA graphs of the compiled blocks (`train.cudagraphs`)
-- ... at 512x768, with gradient checkpointing, with 512 text tokens
+- reference: the step of diffusers' examples/dreambooth/train_dreambooth_lora_flux.py at its
+  defaults: peft LoRA r=12 (alpha 12, gaussian init) added with `transformer.add_adapter` on the
+  example's 12 target-module suffixes (342 modules at FLUX.1-dev size), bf16 weights and bf16
+  LoRA weights under accelerate's bf16 autocast, eager (no compile), torch AdamW (not fused),
+  clip 1.0; the same flow-matching loss as ours. With `-ckpt`: the example's
+  --gradient_checkpointing. `reference_418`: the same on our 418-module set (same modules as ours).
+- adalora: `artmaster.train.training_step` as `experiment=artmaster_flux` composes it (the
+  recipe: AdaLoRA init_r 12 -> target_r 8 on the 418-module set, bf16 weights, fp32 adapters,
+  LoRA branch in bf16 with shared down-projections, regional compile with CUDA graphs, fused AdamW,
+  `FastRankAllocator`, direct orthogonal gradient); `-ckpt` adds gradient checkpointing.
+- lora: plain peft LoRA at r = init_r on the same modules with the recipe's levers and optimizer
+  (no allocator, no orthogonal term): what AdaLoRA's overhead is measured against.
+- lever rows, each the recipe with one lever changed (Row.overrides): adalora_no_cudagraphs,
+  adalora_fp32_branch (peft's fp32 branch, no shared GEMM, no CUDA graphs: the recipe before
+  issue 14), adalora_unshared (no shared down-projection), adalora_half_ckpt (checkpointing of half
+  the blocks), adalora_b2 (batch 2: samples/s), base_floor (the frozen model alone, eager).
 
-Model FLOPs per step count the frozen model's forward and input-gradient backward (no recompute;
-adaLN/norm and embedder linears act on one vector per sample, image-stream weights on image tokens,
-text-stream weights on text tokens, single blocks on all tokens; attention 4 L^2 d per layer
-forward, 3x that forward + backward); MFU divides them by the bf16 matmul rate measured in the same
-run. Prints a table, writes JSON after every row (so a run cut short keeps what it measured).
+Rows run in the order of `rows_for` (most telling first) while --budget seconds remain, in one
+process: a row reuses the compiled blocks of an earlier row with the same levers and shape; --only
+KEY,... picks rows by `Row.key` (e.g. adalora-512x512-t128-ckpt). Model FLOPs per step count the
+frozen model's forward and input-gradient backward (no recompute; adaLN/norm and embedder linears
+act on one vector per sample, image-stream weights on image tokens, text-stream weights on text
+tokens, single blocks on all tokens; attention 4 L^2 d per layer forward, 3x that forward +
+backward); MFU divides them by the bf16 matmul rate measured in the same run. Prints a table with
+each row's speed-up over the reference at its shape, writes JSON after every row (a run cut short
+keeps what it measured).
 
     python benchmarks/train_step.py --json train_step.json                 # one GPU, FLUX.1-dev size
-    python benchmarks/train_step.py --only adalora_bf16-512x512-t128,lora_bf16-512x512-t128 --profile-dir prof
+    python benchmarks/train_step.py --only reference-512x512-t128,adalora-512x512-t128 --profile-dir prof
     python benchmarks/train_step.py --profile tiny --device cpu --json /tmp/t.json   # seconds, on a CPU
 """
 
@@ -48,8 +54,8 @@ from types import SimpleNamespace
 import torch
 from omegaconf import OmegaConf
 
-from artmaster import models, train
-from artmaster.adalora import adalora_schedule, set_input_casting, target_modules_regex
+from artmaster import lora_branch, models, train
+from artmaster.adalora import adalora_schedule, target_modules_regex
 from artmaster.config import compose
 
 GB = 1e9
@@ -60,60 +66,58 @@ PROFILES = {
     "tiny": {"overrides": ["model=tiny"], "sizes": [(128, 128), (128, 192)], "text": [None, 128],
              "warmup": 2, "steps": 4},
 }
+# diffusers' examples/dreambooth/train_dreambooth_lora_flux.py: default `--lora_layers` (suffixes)
+EXAMPLE_TARGETS = ["attn.to_k", "attn.to_q", "attn.to_v", "attn.to_out.0", "attn.add_k_proj", "attn.add_q_proj",
+                   "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+                   "ff_context.net.2"]
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
-    adapter: str  # adalora | lora | base
+    kind: str  # reference | adalora | lora | base
     size: tuple[int, int]
     text_tokens: int
     checkpointing: bool = False
-    compile: bool = False
-    before: bool = False  # train.py's step as it was before the speed levers
-    autocast: bool = True  # train.mixed_precision bf16 (autocast) | "no" (bf16 weights, no autocast)
-    mode: str | None = None  # torch.compile mode (None: the default)
+    overrides: tuple[str, ...] = ()  # config keys set on top of the recipe, "key=value" (YAML values)
+    example_targets: bool = True  # reference rows: the example's target modules (else our 418)
+    batch: int = 1
+    recipe: bool = False  # exactly the recipe's step: the only rows `recipe_minutes` uses
     profile: bool = False  # also profile two steps: GPU kernel time against the step's wall time
 
     @property
     def key(self) -> str:
         width, height = self.size
-        return f"{self.name}-{width}x{height}-t{self.text_tokens}{'-ckpt' if self.checkpointing else ''}"
+        return (f"{self.name}-{width}x{height}-t{self.text_tokens}{'-ckpt' if self.checkpointing else ''}"
+                f"{f'-b{self.batch}' if self.batch > 1 else ''}")
 
 
 def rows_for(sizes, text_lengths) -> list[Row]:
-    """Every row, most telling first within each group; select with --only KEY,KEY (Row.key)."""
+    """Every row, most telling first; select with --only KEY,KEY (Row.key)."""
     (square, portrait), (short, long) = sizes, text_lengths
-    eager = [
+    shapes = [(square, short), (portrait, short), (square, long)]
+    no_graphs = ("train.cudagraphs=false",)
+    return [
+        *(Row("reference", "reference", size, text) for size, text in shapes),
+        *(Row("adalora", "adalora", size, text, recipe=True, profile=(size, text) == (square, short))
+          for size, text in shapes),
+        *(Row("reference", "reference", size, text, checkpointing=True) for size, text in shapes),
+        Row("lora", "lora", square, short),
+        Row("reference_418", "reference", square, short, example_targets=False),
+        Row("reference_418", "reference", square, short, checkpointing=True, example_targets=False),
+        Row("adalora_no_cudagraphs", "adalora", square, short, overrides=no_graphs),
+        # with checkpointing the recipe compiles without CUDA graphs (train.compile_for_training)
+        Row("adalora", "adalora", square, short, checkpointing=True, recipe=True),
+        Row("adalora_fp32_branch", "adalora", square, short, overrides=(
+            *no_graphs, "train.lora_branch.precision=float32", "train.lora_branch.shared_down=false")),
+        Row("adalora", "adalora", portrait, short, checkpointing=True, recipe=True),
+        Row("adalora", "adalora", square, long, checkpointing=True, recipe=True),
+        Row("adalora_unshared", "adalora", square, short, overrides=("train.lora_branch.shared_down=false",)),
+        Row("adalora_half_ckpt", "adalora", square, short, checkpointing=True,
+            overrides=("train.gradient_checkpointing_fraction=0.5",)),
+        Row("adalora_b2", "adalora", square, short, batch=2),
         Row("base_floor", "base", square, short),
-        Row("adalora_before", "adalora", square, short, before=True),
-        Row("adalora_eager", "adalora", square, short),
-        Row("lora_eager", "lora", square, short),
-        Row("adalora_eager", "adalora", portrait, short),
-        Row("adalora_eager", "adalora", square, long),
-        # bf16 weights without autocast: the LoRA branch runs in fp32 on peft's input copy
-        Row("base_floor_bf16", "base", square, short, autocast=False),
-        Row("adalora_eager_bf16", "adalora", square, short, autocast=False),
     ]
-    compiled = [  # regional torch.compile (model.compile)
-        Row("adalora", "adalora", square, short, compile=True),
-        Row("lora", "lora", square, short, compile=True),
-        Row("adalora", "adalora", square, short, checkpointing=True, compile=True),
-        Row("adalora", "adalora", portrait, short, compile=True),
-        Row("adalora", "adalora", portrait, short, checkpointing=True, compile=True),
-        Row("adalora", "adalora", square, long, compile=True),
-    ]
-    compiled_bf16 = [  # the same without autocast
-        Row("adalora_bf16", "adalora", square, short, compile=True, autocast=False, profile=True),
-        Row("lora_bf16", "lora", square, short, compile=True, autocast=False),
-        Row("adalora_bf16", "adalora", square, short, checkpointing=True, compile=True, autocast=False),
-        # CUDA graphs of each compiled block (mode reduce-overhead): no per-kernel launch cost
-        Row("adalora_bf16_cg", "adalora", square, short, compile=True, autocast=False, mode="reduce-overhead"),
-        Row("adalora_bf16", "adalora", portrait, short, compile=True, autocast=False),
-        Row("adalora_bf16", "adalora", portrait, short, checkpointing=True, compile=True, autocast=False),
-        Row("adalora_bf16", "adalora", square, long, compile=True, autocast=False),
-    ]
-    return eager + compiled + compiled_bf16
 
 
 # --- model FLOPs and the matmul rate -------------------------------------------------------------
@@ -154,19 +158,22 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
 # --- one row -----------------------------------------------------------------------------------
 
 
-def encodings_for(cfg, size: tuple[int, int], text_tokens: int, device, dtype) -> dict:
-    """Random tensors shaped like one cached sample (train.build_cache), on the device."""
+def encodings_for(cfg, size: tuple[int, int], text_tokens: int, batch: int, device, dtype) -> dict:
+    """Random tensors shaped like `batch` cached samples (train.build_cache), on the device."""
     arch = cfg.model.architecture
     width, height = size
     generator = torch.Generator().manual_seed(0)
     latent_shape = (arch.vae.latent_channels, height // 8, width // 8)
-    entry = {
-        "latent_mean": torch.randn(latent_shape, generator=generator),
-        "latent_std": torch.full(latent_shape, 0.05),
-        "prompt_embeds": torch.randn(text_tokens, arch.transformer.joint_attention_dim, generator=generator),
-        "pooled_prompt_embeds": torch.randn(arch.transformer.pooled_projection_dim, generator=generator),
+    entries = {
+        f"sample{i}": {
+            "latent_mean": torch.randn(latent_shape, generator=generator),
+            "latent_std": torch.full(latent_shape, 0.05),
+            "prompt_embeds": torch.randn(text_tokens, arch.transformer.joint_attention_dim, generator=generator),
+            "pooled_prompt_embeds": torch.randn(arch.transformer.pooled_projection_dim, generator=generator),
+        }
+        for i in range(batch)
     }
-    return train.on_device({"sample": entry}, device, dtype)
+    return train.on_device(entries, device, dtype)
 
 
 def sync(device) -> None:
@@ -174,26 +181,38 @@ def sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def fresh_accelerator(cfg, device):
+def fresh_accelerator(mixed_precision: str, device):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
-    return Accelerator(mixed_precision=str(cfg.train.mixed_precision), cpu=device.type == "cpu")
+    return Accelerator(mixed_precision=mixed_precision, cpu=device.type == "cpu")
+
+
+def _optimizer_and_schedule(settings, params, total_step: int, fused: bool):
+    from diffusers.optimization import get_scheduler
+
+    optim = settings.optim
+    optimizer = torch.optim.AdamW(params, lr=float(optim.lr), betas=tuple(optim.betas),
+                                  weight_decay=float(optim.weight_decay), eps=float(optim.eps), fused=fused)
+    scheduler = get_scheduler(settings.lr_schedule.name, optimizer,
+                              num_warmup_steps=round(float(settings.lr_schedule.warmup_fraction) * total_step),
+                              num_training_steps=total_step)
+    return optimizer, scheduler
 
 
 def lora_state(cfg, transformer, vae_config, total_step: int, accelerator):
-    """Plain LoRA at r = init_r on the same modules, with the recipe's optimizer and schedule:
-    the reference the AdaLoRA overhead is measured against (no allocator, no orthogonal term)."""
+    """Plain LoRA at r = init_r on the same modules, with the recipe's levers (LoRA branch, compiled
+    blocks, CUDA graphs), optimizer and schedule: the reference the AdaLoRA overhead is measured
+    against (no allocator, no orthogonal term)."""
     from accelerate.utils import set_seed
-    from diffusers.optimization import get_scheduler
     from peft import LoraConfig, get_peft_model
 
     settings = cfg.train
     transformer.requires_grad_(False)
     if settings.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+        models.enable_checkpointing(transformer, float(settings.gradient_checkpointing_fraction))
     set_seed(int(cfg.seed))
     ada = settings.adalora
     adapter = get_peft_model(transformer, LoraConfig(
@@ -202,20 +221,17 @@ def lora_state(cfg, transformer, vae_config, total_step: int, accelerator):
     params = [param for param in adapter.parameters() if param.requires_grad]
     for param in params:
         param.data = param.data.float()
-    if accelerator.mixed_precision != "no":
-        set_input_casting(adapter, False)
-    optim = settings.optim
-    optimizer = torch.optim.AdamW(params, lr=float(optim.lr), betas=tuple(optim.betas),
-                                  weight_decay=float(optim.weight_decay), eps=float(optim.eps),
-                                  fused=all(p.is_cuda for p in params))
-    scheduler = get_scheduler(settings.lr_schedule.name, optimizer,
-                              num_warmup_steps=round(float(settings.lr_schedule.warmup_fraction) * total_step),
-                              num_training_steps=total_step)
+    on_cuda = all(p.is_cuda for p in params)
+    lora_branch.configure(adapter, settings.lora_branch, on_cuda)
+    compiled, cudagraphs = train.compile_for_training(cfg, transformer, on_cuda)
+    optimizer, scheduler = _optimizer_and_schedule(settings, params, total_step, fused=on_cuda)
     model = accelerator.prepare(adapter)
-    flow = train.flow_settings(cfg, transformer, vae_config)
-    max_norm = float(optim.max_grad_norm) if optim.max_grad_norm else float("inf")
+    flow = train.flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled)
+    max_norm = float(settings.optim.max_grad_norm) if settings.optim.max_grad_norm else float("inf")
 
     def step(index, batches, generators):
+        if cudagraphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = train.flow_matching_loss(model, batches[0], flow, generators[0])
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, max_norm)
@@ -224,14 +240,43 @@ def lora_state(cfg, transformer, vae_config, total_step: int, accelerator):
         optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.detach()}
 
-    return adapter, step, sum(p.numel() for p in params)
+    return adapter.unload, step, sum(p.numel() for p in params), compiled, cudagraphs
 
 
-def base_step(cfg, transformer, vae_config, accelerator):
-    """The frozen transformer alone: forward + backward to its input (no adapter, no optimizer)."""
+def reference_state(cfg, transformer, vae_config, total_step: int, accelerator, example_targets: bool):
+    """diffusers' train_dreambooth_lora_flux.py step (module doc): `add_adapter` with the example's
+    LoraConfig, LoRA weights in the model's dtype as the example leaves them under bf16, the forward
+    under accelerate's bf16 autocast, eager, torch AdamW at its defaults (foreach), clip 1.0."""
+    from peft import LoraConfig
+
     transformer.requires_grad_(False)
     if cfg.train.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
+    torch.manual_seed(int(cfg.seed))
+    targets = EXAMPLE_TARGETS if example_targets else target_modules_regex(cfg.train.adalora.target_modules)
+    rank = int(cfg.train.adalora.init_r)
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                       target_modules=targets))
+    params = [param for param in transformer.parameters() if param.requires_grad]
+    optimizer, scheduler = _optimizer_and_schedule(cfg.train, params, total_step, fused=False)
+    flow = train.flow_settings(cfg, transformer, vae_config)
+
+    def step(index, batches, generators):
+        with accelerator.autocast():
+            loss = train.flow_matching_loss(transformer, batches[0], flow, generators[0])
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": loss.detach()}
+
+    return transformer.unload_lora, step, sum(p.numel() for p in params)
+
+
+def base_step(cfg, transformer, vae_config, accelerator):
+    """The frozen transformer alone, eager: forward + backward to its input (no adapter, no optimizer)."""
+    transformer.requires_grad_(False)
     flow = train.flow_settings(cfg, transformer, vae_config)
 
     def step(index, batches, generators):
@@ -239,11 +284,10 @@ def base_step(cfg, transformer, vae_config, accelerator):
         tokens = train.flux_math.pack_latents(batch.latent_mean).to(flow.model_dtype).requires_grad_(True)
         sigmas = torch.full((len(tokens),), 0.5, device=tokens.device)
         guidance = train.flux_math.guidance_vector(1.0, len(tokens), tokens.device)
-        with accelerator.autocast():
-            prediction = train.flux_math.predict_velocity(
-                transformer, tokens, sigmas, prompt_embeds=batch.prompt_embeds,
-                pooled_prompt_embeds=batch.pooled_prompt_embeds, image_ids=batch.image_ids,
-                txt_ids=batch.txt_ids, guidance=guidance)
+        prediction = train.flux_math.predict_velocity(
+            transformer, tokens, sigmas, prompt_embeds=batch.prompt_embeds,
+            pooled_prompt_embeds=batch.pooled_prompt_embeds, image_ids=batch.image_ids,
+            txt_ids=batch.txt_ids, guidance=guidance)
         loss = prediction.float().pow(2).mean()
         loss.backward()
         return {"loss": loss.detach()}
@@ -293,48 +337,55 @@ def profile_steps(step_fn, args, first: int, seconds: float, folder, key: str, s
             "kernels_per_step": len(kernels) / steps}
 
 
-def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs: bool) -> dict:
-    cfg = OmegaConf.create(OmegaConf.to_container(ctx.cfg, resolve=True))
+def row_config(row: Row, base_cfg):
+    """The recipe's config with the row's checkpointing and overrides."""
+    import yaml
+
+    cfg = OmegaConf.create(OmegaConf.to_container(base_cfg, resolve=True))
     cfg.train.gradient_checkpointing = row.checkpointing
-    cfg.train.mixed_precision = "bf16" if row.autocast else "no"
-    # CUDA graphs through the stage's own switch: build_training_state compiles the blocks with mode
-    # reduce-overhead, training_step marks each new iteration
-    cfg.train.cudagraphs = row.mode == "reduce-overhead" and row.adapter == "adalora" and ctx.device.type == "cuda"
-    if row.before:
-        cfg.train.adalora.orth_gradient = "autograd"
+    for override in row.overrides:
+        key, value = override.split("=", 1)
+        OmegaConf.update(cfg, key, yaml.safe_load(value), merge=False)
+    return cfg
+
+
+def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs: bool) -> dict:
+    cfg = row_config(row, ctx.cfg)
     device, transformer = ctx.device, ctx.transformer
-    text_tokens = row.text_tokens
     transformer.disable_gradient_checkpointing()
-    compiled = row.compile and (device.type == "cuda" or ctx.compile_on_cpu)
-    if compiled and not cfg.train.cudagraphs:
-        models.compile_blocks(transformer, **({"mode": row.mode} if row.mode else {}))
-    elif not compiled:
-        models.uncompile_blocks(transformer)
+    models.uncompile_blocks(transformer)
     gc.collect()
     if device.type == "cuda":
+        # free the last row's CUDA-graph pools; compiled code stays cached, so a row whose blocks,
+        # levers and shape an earlier row compiled reuses it (its first step shows no compiling)
+        from torch._inductor import cudagraph_trees
+
+        cudagraph_trees.reset_cudagraph_trees()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    accelerator = fresh_accelerator(cfg, device)
-    adapter, trainable = None, 0
-    if row.adapter == "adalora":
+    mixed = "bf16" if row.kind == "reference" and device.type == "cuda" else str(cfg.train.mixed_precision)
+    accelerator = fresh_accelerator(mixed, device)
+    unload, trainable, compiled, cudagraphs, state = None, 0, False, False, None
+    if row.kind == "adalora":
         state = train.build_training_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
-        if row.before:
-            set_input_casting(state.adapter, True)
-        adapter, trainable = state.adapter, sum(p.numel() for p in state.params)
+        unload, trainable = state.adapter.unload, sum(p.numel() for p in state.params)
+        compiled, cudagraphs = state.compiled, state.cudagraphs
 
         def step_fn(index, batches, generators):
             return train.training_step(state, batches, index, generators)
-    elif row.adapter == "lora":
-        adapter, step_fn, trainable = lora_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
+    elif row.kind == "lora":
+        unload, step_fn, trainable, compiled, cudagraphs = lora_state(
+            cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
+    elif row.kind == "reference":
+        unload, step_fn, trainable = reference_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator,
+                                                     row.example_targets)
     else:
         step_fn = base_step(cfg, transformer, ctx.vae_config, accelerator)
-    encodings = encodings_for(cfg, row.size, text_tokens, device, transformer.dtype)
-    batches = [train.make_batch(encodings, ["sample"])]
+    encodings = encodings_for(cfg, row.size, row.text_tokens, row.batch, device, transformer.dtype)
+    batches = [train.make_batch(encodings, sorted(encodings))]
     first = ctx.tinit + 1  # the budget phase: importance update every step, masking every delta_t
 
     def args(index):
-        if row.mode == "reduce-overhead" and not cfg.train.cudagraphs:
-            torch.compiler.cudagraph_mark_step_begin()  # a new training iteration for CUDA graph trees
         return index, batches, [train.seeded_generator(cfg.seed, "step", 0, index, 0, device=device)]
 
     graphs_before = dynamo_counts()
@@ -362,10 +413,12 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     graphs_after = dynamo_counts()
     width, height = row.size
     image_tokens = (width // 16) * (height // 16)
-    flops = model_flops(cfg.model.architecture.transformer, image_tokens, text_tokens)
+    flops = model_flops(cfg.model.architecture.transformer, image_tokens, row.text_tokens, row.batch)
+    branch = cfg.train.get("lora_branch", {})
     result = {
-        **asdict(row), "size": f"{width}x{height}", "compiled": compiled,
-        "seconds_per_step": seconds, "steps_per_second": 1 / seconds, "samples_per_second": 1 / seconds,
+        **asdict(row), "key": row.key, "size": f"{width}x{height}", "compiled": compiled, "cudagraphs": cudagraphs,
+        "lora_branch": OmegaConf.to_container(branch) if row.kind in ("adalora", "lora") else None,
+        "seconds_per_step": seconds, "steps_per_second": 1 / seconds, "samples_per_second": row.batch / seconds,
         "first_step_seconds": first_step, "timed_steps": steps,
         "peak_gb": torch.cuda.max_memory_allocated(device) / GB if device.type == "cuda" else None,
         "model_tflop_per_step": flops / 1e12,
@@ -376,12 +429,11 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
         "graph_breaks": graphs_after.get("graph_breaks", 0),
     }
     # back to the bare transformer for the next row
-    if adapter is not None:
-        adapter.unload()
+    if unload is not None:
+        unload()
+    models.uncompile_blocks(transformer)
     accelerator.free_memory()
-    del adapter, step_fn
-    if row.adapter == "adalora":
-        del state
+    del step_fn, state
     gc.collect()
     return result
 
@@ -389,61 +441,68 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
 # --- report ------------------------------------------------------------------------------------
 
 
-def pick(rows, **match) -> dict | None:
-    for row in rows:
-        if all(row.get(k) == v for k, v in match.items()):
-            return row
+def reference_for(rows: list[dict], row: dict) -> dict | None:
+    """The diffusers-example-style row (the example's targets) at the row's shape and checkpointing."""
+    for candidate in rows:
+        if (candidate["name"] == "reference" and candidate["size"] == row["size"]
+                and candidate["text_tokens"] == row["text_tokens"] and candidate["checkpointing"] == row["checkpointing"]):
+            return candidate
     return None
 
 
 def targets(rows: list[dict], recipe_steps: int, short: int, sizes) -> dict:
-    square, portrait = (f"{w}x{h}" for w, h in sizes)
-    best = {}
-    for size in (square, portrait):
-        for ckpt in (False, True):
-            candidates = [r for r in rows if r["adapter"] == "adalora" and not r["before"] and r["size"] == size
-                          and r["text_tokens"] == short and r["checkpointing"] == ckpt]
-            best[(size, ckpt)] = min(candidates, key=lambda r: r["seconds_per_step"]) if candidates else None
-    head = best[(square, False)]
-    out = {}
-    if head:
-        out["recipe_row"] = {k: head[k] for k in ("name", "size", "compiled", "seconds_per_step", "mfu", "peak_gb")}
-        out["mfu_512"] = head["mfu"]
-        out["steps_per_second_512"] = head["steps_per_second"]
-        # AdaLoRA over plain LoRA, pair by pair: same size, text length, compile, mode and precision
-        ratios = {}
-        for lora in (r for r in rows if r["adapter"] == "lora" and not r["checkpointing"]):
-            same = pick(rows, adapter="adalora", before=False, size=lora["size"], text_tokens=lora["text_tokens"],
-                        checkpointing=False, compiled=lora["compiled"], autocast=lora["autocast"], mode=lora["mode"])
-            if same:
-                ratios[f"{same['name']} / {lora['name']}"] = same["seconds_per_step"] / lora["seconds_per_step"]
-        out["adalora_over_lora"] = ratios
-    no_ckpt = [best[(s, False)] for s in (square, portrait) if best[(s, False)]]
-    ckpt = [best[(s, True)] for s in (square, portrait) if best[(s, True)]]
-    if no_ckpt and no_ckpt[0]["peak_gb"] is not None:
-        out["peak_gb_no_checkpointing"] = max(r["peak_gb"] for r in no_ckpt)
-    if ckpt and ckpt[0]["peak_gb"] is not None:
-        out["peak_gb_checkpointing"] = max(r["peak_gb"] for r in ckpt)
-    if len(no_ckpt) == 2:
-        # half the steps in each bucket; sample rendering and validation not included
-        mean = sum(r["seconds_per_step"] for r in no_ckpt) / 2
-        out["recipe_minutes"] = recipe_steps * mean / 60
-        out["recipe_minutes_all_square"] = recipe_steps * no_ckpt[0]["seconds_per_step"] / 60
-        out["recipe_minutes_all_portrait"] = recipe_steps * no_ckpt[1]["seconds_per_step"] / 60
+    """Issue 14's targets from the rows measured so far: per shape, the recipe's speed-up over the
+    reference and its peak against the reference's (on the example's and on our modules); AdaLoRA
+    over plain LoRA; the 6000-step projection from the recipe rows only."""
+    out: dict = {"shapes": {}}
+    for row in rows:
+        if not row["recipe"]:
+            continue
+        reference = reference_for(rows, row)
+        same_modules = next((r for r in rows if r["name"] == "reference_418" and r["size"] == row["size"]
+                             and r["text_tokens"] == row["text_tokens"]
+                             and r["checkpointing"] == row["checkpointing"]), None)
+        entry = {"seconds_per_step": row["seconds_per_step"], "peak_gb": row["peak_gb"]}
+        if reference:
+            entry.update(reference_seconds=reference["seconds_per_step"], reference_peak_gb=reference["peak_gb"],
+                         speedup=reference["seconds_per_step"] / row["seconds_per_step"])
+        if same_modules:
+            entry["reference_418_peak_gb"] = same_modules["peak_gb"]
+        out["shapes"][row["key"]] = entry
+    adalora = next((r for r in rows if r["recipe"] and r["size"] == "%dx%d" % sizes[0]
+                    and r["text_tokens"] == short and not r["checkpointing"]), None)
+    lora = next((r for r in rows if r["kind"] == "lora" and not r["checkpointing"]), None)
+    if adalora and lora:
+        out["adalora_over_lora"] = adalora["seconds_per_step"] / lora["seconds_per_step"]
+    buckets = [next((r for r in rows if r["recipe"] and not r["checkpointing"] and r["text_tokens"] == short
+                     and r["size"] == "%dx%d" % size), None) for size in sizes]
+    if all(buckets):
+        # half the steps in each bucket; compiling, validation, samples and checkpoints not included
+        out["recipe_minutes_projected"] = recipe_steps * sum(r["seconds_per_step"] for r in buckets) / 2 / 60
     return out
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'row':<18} {'size':<8} {'txt':>4} {'ckpt':>4} {'comp':>4} {'s/step':>7} {'steps/s':>7} "
-              f"{'samp/s':>7} {'peak GB':>7} {'MFU':>6} {'1st s':>6}")
+    header = (f"{'row':<22} {'size':<8} {'txt':>4} {'ckpt':>4} {'comp':>4} {'cg':>3} {'s/step':>7} {'samp/s':>7} "
+              f"{'peak GB':>7} {'MFU':>6} {'vs ref':>6} {'1st s':>6}")  # vs ref: samples/s over the reference's
     print(header)
     print("-" * len(header))
     for r in rows:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "-"
         peak = f"{r['peak_gb']:.1f}" if r["peak_gb"] is not None else "-"
-        print(f"{r['name']:<18} {r['size']:<8} {r['text_tokens']:>4} {'y' if r['checkpointing'] else 'n':>4} "
-              f"{'y' if r['compiled'] else 'n':>4} {r['seconds_per_step']:>7.3f} {r['steps_per_second']:>7.2f} "
-              f"{r['samples_per_second']:>7.2f} {peak:>7} {mfu:>6} {r['first_step_seconds']:>6.1f}")
+        reference = reference_for(rows, r)
+        ratio = f"{r['samples_per_second'] / reference['samples_per_second']:.2f}x" if reference else "-"
+        name = r["name"] + (f" b{r['batch']}" if r["batch"] > 1 else "")
+        print(f"{name:<22} {r['size']:<8} {r['text_tokens']:>4} {'y' if r['checkpointing'] else 'n':>4} "
+              f"{'y' if r['compiled'] else 'n':>4} {'y' if r['cudagraphs'] else 'n':>3} "
+              f"{r['seconds_per_step']:>7.3f} {r['samples_per_second']:>7.2f} {peak:>7} {mfu:>6} {ratio:>6} "
+              f"{r['first_step_seconds']:>6.1f}")
+
+
+def write_report(report: dict, path: str, began: float) -> None:
+    report["seconds"] = time.perf_counter() - began
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
 
 
 def main() -> None:
@@ -456,18 +515,18 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=330.0, help="seconds: no row starts after this")
     parser.add_argument("--recipe-steps", type=int, default=6000, help="optimizer steps of the recipe")
     parser.add_argument("--only", help="comma-separated row keys to run (default: all), e.g. "
-                        "adalora-512x512-t128,lora-512x512-t128")
+                        "reference-512x512-t128,adalora-512x512-t128")
     parser.add_argument("--profile-dir", help="write the profiled rows' top kernels here")
-    parser.add_argument("--compile-on-cpu", action="store_true", help="compile rows compile on the CPU too")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
     began = time.perf_counter()
     profile = PROFILES[args.profile]
     cfg = compose(["experiment=artmaster_flux", *profile["overrides"], f"model.device={args.device}",
-                   "model.compile=false", *args.overrides])
+                   *args.overrides])
     device = torch.device(models.resolve_device(cfg.model))  # also keeps cuDNN SDPA off on CUDA
     if device.type == "cpu" and cfg.model.dtype != "float32":
         cfg.model.dtype = "float32"
+    torch._dynamo.config.recompile_limit = 64  # rows recompile the same blocks many times over
     short = int(cfg.model.max_sequence_length)
     text_lengths = [short if t is None else t for t in profile["text"]]
     warmup = args.warmup or profile["warmup"]
@@ -482,8 +541,7 @@ def main() -> None:
     gc.collect()
     params = sum(p.numel() for p in transformer.parameters())
     ctx = SimpleNamespace(cfg=cfg, device=device, transformer=transformer, vae_config=vae_config,
-                          total_step=args.recipe_steps, tinit=tinit, matmul_tflops=rate,
-                          compile_on_cpu=args.compile_on_cpu, profile_dir=args.profile_dir)
+                          total_step=args.recipe_steps, tinit=tinit, matmul_tflops=rate, profile_dir=args.profile_dir)
     plan = rows_for(profile["sizes"], text_lengths)
     if args.only:
         wanted = args.only.split(",")
@@ -491,52 +549,50 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--only: no row {sorted(unknown)}; rows: {[row.key for row in plan]}")
         plan = [row for row in plan if row.key in wanted]
+    import diffusers
+    import peft
+
     report = {
-        "what": "artmaster.train.training_step at FLUX.1-dev size (benchmarks/train_step.py)",
+        "what": "artmaster.train.training_step against a diffusers-example-style step (benchmarks/train_step.py)",
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "profile": args.profile,
-        "transformer_params_billion": params / 1e9,
+        "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,
+        "profile": args.profile, "transformer_params_billion": params / 1e9,
         "matmul_bf16_tflops": rate, "recipe_steps": args.recipe_steps, "recipe_text_tokens": short,
         "timed_steps": steps, "warmup_steps": warmup, "first_timed_step": tinit + 1,
-        "adalora": OmegaConf.to_container(cfg.train.adalora, resolve=True),
-        "mixed_precision": str(cfg.train.mixed_precision), "rows": [], "skipped": [], "errors": [],
+        "recipe": {key: OmegaConf.to_container(cfg.train[key]) if OmegaConf.is_config(cfg.train[key])
+                   else cfg.train[key] for key in ("adalora", "lora_branch", "cudagraphs", "mixed_precision")},
+        "rows": [], "skipped": [], "errors": [],
     }
-    print(f"{report['device']}, torch {torch.__version__}, transformer {params / 1e9:.2f}B params, "
-          f"bf16 matmul {rate:.0f} TFLOP/s" if rate else f"{report['device']}, torch {torch.__version__}")
-    first_compile = None
-    for index, row in enumerate(plan):
+    print(f"{report['device']}, torch {torch.__version__}, diffusers {diffusers.__version__}, peft {peft.__version__}, "
+          f"transformer {params / 1e9:.2f}B params" + (f", bf16 matmul {rate:.0f} TFLOP/s" if rate else ""))
+    compile_seconds = None
+    for row in plan:
         elapsed = time.perf_counter() - began
-        needs_compile = row.compile and not any(
-            r["compiled"] and (r["adapter"], r["size"], r["text_tokens"], r["autocast"], r["mode"])
-            == (row.adapter, f"{row.size[0]}x{row.size[1]}", row.text_tokens, row.autocast, row.mode)
-            for r in report["rows"])
-        expected = (first_compile or 60.0) if needs_compile and device.type == "cuda" else 15.0
+        compiles = row.kind in ("adalora", "lora") and device.type == "cuda"
+        expected = (compile_seconds or 60.0) + 10 if compiles else 15.0
         if elapsed + expected > args.budget:
-            report["skipped"].append(f"{row} (budget: {elapsed:.0f}s used of {args.budget:.0f}s)")
-            print(f"skip {row.name} {row.size} txt {row.text_tokens}: budget")
+            report["skipped"].append(f"{row.key} (budget: {elapsed:.0f}s used of {args.budget:.0f}s)")
+            print(f"skip {row.key}: budget")
             continue
-        print(f"[{elapsed:5.0f}s] {row.name} {row.size[0]}x{row.size[1]} txt {row.text_tokens} "
-              f"ckpt {row.checkpointing} compile {row.compile}", flush=True)
+        print(f"[{elapsed:5.0f}s] {row.key} {' '.join(row.overrides)}", flush=True)
         try:
-            result = run_row(row, ctx, warmup, steps,
-                             count_syncs=row.compile and row.adapter == "adalora" and not row.checkpointing)
+            result = run_row(row, ctx, warmup, steps, count_syncs=row.recipe and not row.checkpointing)
         except Exception as error:  # keep going: one broken row must not lose the others
             import traceback
 
             traceback.print_exc()
-            report["errors"].append(f"{row}: {type(error).__name__}: {error}"[:2000])
+            report["errors"].append(f"{row.key}: {type(error).__name__}: {error}"[:2000])
+            models.uncompile_blocks(transformer)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             continue
-        if result["compiled"] and first_compile is None:
-            first_compile = result["first_step_seconds"]
+        if result["compiled"]:
+            compile_seconds = max(compile_seconds or 0.0, result["first_step_seconds"])
         report["rows"].append(result)
         report["targets"] = targets(report["rows"], args.recipe_steps, short, profile["sizes"])
-        report["seconds"] = time.perf_counter() - began
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(report, handle, indent=2)
+        write_report(report, args.json, began)
         print(f"    {result['seconds_per_step']:.3f} s/step, peak {result['peak_gb']}, "
               f"first step {result['first_step_seconds']:.1f}s, loss {result['loss']:.4f}", flush=True)
     print()
@@ -544,9 +600,7 @@ def main() -> None:
     print(json.dumps(report.get("targets", {}), indent=2))
     for line in report["errors"]:
         print("ERROR", line[:300])
-    report["seconds"] = time.perf_counter() - began
-    with open(args.json, "w", encoding="utf-8") as handle:
-        json.dump(report, handle, indent=2)
+    write_report(report, args.json, began)
     print(f"wrote {args.json} ({report['seconds']:.0f}s)")
 
 

@@ -91,7 +91,9 @@ def test_augment_writes_pairs_with_provenance_metrics_and_pictures(cfg_for):
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     run = client.search_runs([experiment.experiment_id], "tags.`artmaster.stage` = 'augment'")[0]
-    assert run.data.metrics["acceptance_rate"] == 1.0 and "mean_style_gain" in run.data.metrics
+    assert run.info.run_name == "augment round 0"
+    assert run.data.metrics["result/accepted"] == 3 and "result/mean_style_gain" in run.data.metrics
+    assert "| acceptance_rate | 1 |" in run.data.tags["mlflow.note.content"]
     pairs = {a.path for a in client.list_artifacts(run.info.run_id, "augment/pairs")}
     assert pairs == {f"augment/pairs/{r['sample_id']}.png" for r in records}
 

@@ -208,7 +208,7 @@ def test_caption_table_and_counts_are_logged_to_mlflow(make):
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     run = client.search_runs([experiment.experiment_id], "tags.`artmaster.stage` = 'caption'")[0]
-    assert run.data.metrics["captions"] == len(CROPS)
+    assert run.data.metrics["result/captions"] == len(CROPS)
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"captions_table.json", "pictures", "summary.json"} <= artifacts
     table = json.loads(Path(client.download_artifacts(run.info.run_id, "captions_table.json")).read_text())

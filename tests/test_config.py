@@ -47,3 +47,17 @@ def test_slurm_launcher_config_composes_for_sweeps_on_a_cluster():
         cfg = hydra_compose(config_name="config", overrides=["hydra/launcher=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")
     assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_stage_help_shows_that_stage_and_its_options_only(capsys):
+    from artmaster.cli import main
+
+    assert main(["train", "--help", "train.optim.lr=3e-4"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith("usage: artmaster train") and "Stage `train`: AdaLoRA fine-tuning" in shown
+    assert "Options train.* (current values" in shown and "lr: 0.0003" in shown  # overrides apply
+    assert "max_per_scan" not in shown and "style_words" not in shown  # not the other stages' options
+    assert "Powered by Hydra" not in shown and len(shown.splitlines()) < 150
+    assert main(["crop", "-h"]) == 0
+    shown = capsys.readouterr().out
+    assert "Options crop.*" in shown and "Options data.holdout.*" in shown and "max_per_scan: 6" in shown

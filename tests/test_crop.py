@@ -187,7 +187,7 @@ def test_run_is_logged_to_mlflow(cropped):
     client = mlflow.MlflowClient(tracking_uri=cropped["cfg"].tracking.uri)
     experiment = client.get_experiment_by_name(cropped["cfg"].tracking.experiment_name)
     runs = client.search_runs([experiment.experiment_id], "tags.`artmaster.stage` = 'crop'")
-    run = next(r for r in runs if r.data.metrics.get("crops") == len(cropped["rows"]))
+    run = next(r for r in runs if r.data.metrics.get("result/crops") == len(cropped["rows"]))
     assert "contact_sheet.png" in [a.path.split("/")[-1] for a in client.list_artifacts(run.info.run_id, "pictures")]
 
 

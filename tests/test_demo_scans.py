@@ -130,6 +130,6 @@ def test_contact_sheet_is_logged_to_mlflow(demo):
         filter_string="tags.`artmaster.stage` = 'demo_scans'",
         output_format="list",
     )
-    assert runs and all(r.data.metrics["scans"] == len(demo.items) for r in runs)
+    assert runs and all(r.data.metrics["result/scans"] == len(demo.items) for r in runs)
     artifacts = [a.path for a in mlflow.MlflowClient().list_artifacts(runs[0].info.run_id, "pictures")]
     assert artifacts == ["pictures/demo_scans.png"]

@@ -74,3 +74,27 @@ def test_stage_runs_the_artmaster_command_and_depends_on_its_code(name):
 def test_artmaster_imports_resolve_to_files():
     files = transitive_files("artmaster.train")
     assert PACKAGE / "flux_math.py" in files and PACKAGE / "files.py" in files
+
+
+def test_plots_page_works_offline_and_declares_its_charset():
+    """`dvc plots show` fills the template .dvc/config names: Vega inline (DVC's own page loads it
+    from a CDN and stays blank offline), UTF-8 declared (Vega's minus signs), no `{scripts}` slot
+    (DVC would put its CDN tags there)."""
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / ".dvc" / "config")
+    page = (ROOT / ".dvc" / config["plots"]["html_template"]).read_text(encoding="utf-8")
+    assert page.count("{plot_divs}") == 1 and "{scripts}" not in page
+    assert '<meta charset="utf-8">' in page and "cdn.jsdelivr" not in page
+    assert "window.vegaEmbed=" in page.replace(" ", "")
+    plots = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["plots"]
+    for plot in plots:
+        (definition,) = plot.values()
+        template = definition.get("template")
+        assert template is None or (ROOT / ".dvc" / "plots" / f"{template}.json").is_file(), template
+
+
+def test_metrics_are_the_stages_headline_files():
+    declared = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["metrics"]
+    assert declared and all(path.endswith("/headline.json") for path in declared)

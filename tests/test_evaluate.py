@@ -123,7 +123,9 @@ def test_writes_metrics_plots_images_report_and_logs_to_mlflow(evaluated):
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     run = client.search_runs([experiment.experiment_id], "tags.`artmaster.stage` = 'evaluate'")[0]
-    assert "adapter.style_score" in run.data.metrics and "adapter.p_value" in run.data.metrics
+    headline = json.loads((out / "headline.json").read_text())
+    assert {f"result/{name}" for name in headline} == set(run.data.metrics) and "adapter_gain" in headline
+    assert "| model |" in run.data.tags["mlflow.note.content"]  # the summary table, not 30 charts
     logged = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
     assert {"evaluate/metrics.json", "evaluate/report.html", "evaluate/grid.png"} <= logged
 

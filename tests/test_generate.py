@@ -107,3 +107,100 @@ def test_cli_names_a_missing_base_model(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(missing) in err and "artmaster base" in err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_cli_loads_the_kohya_file_like_the_diffusers_file(tiny_folder, tmp_path):
+    """`artmaster generate --adapter <trigger>_kohya.safetensors` on the tiny model, as the model
+    card tells a user: the same images as the diffusers file of that folder. The single blocks'
+    fused linear1 (q, k, v, MLP in) is where diffusers' own kohya converter stops on this model
+    size (it hard-codes FLUX.1-dev's widths); ours reads the widths from the model."""
+    from artmaster import adalora
+
+    pipe = load_pipeline(compose([f"model.path={tiny_folder}"]).model)
+    widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    inputs = {name: module.in_features for name, module in pipe.transformer.named_modules()
+              if isinstance(module, torch.nn.Linear)}
+    modules = [name for name in widths if name.startswith(("transformer_blocks.", "single_transformer_blocks."))
+               and not name.endswith(("norm1.linear", "norm1_context.linear", "norm.linear"))]
+    g = torch.Generator().manual_seed(0)
+    ranks = {name: (i % 4) for i, name in enumerate(modules)}  # 0..3: uneven, some modules without adapter
+    lora_A = {n: torch.randn(r, inputs[n], generator=g) * 0.5 for n, r in ranks.items() if r}
+    lora_B = {n: torch.randn(widths[n], r, generator=g) * 0.5 for n, r in ranks.items() if r}
+    paths = adalora.save_lora(adalora.ExportedLora(lora_A, lora_B, ranks, widths), tmp_path / "lora",
+                              base_model="tiny", trigger="zxh style", metadata={})
+    with pytest.raises(AssertionError):  # diffusers' converter on this model size, for the record
+        load_pipeline(compose([f"model.path={tiny_folder}"]).model).load_lora_weights(
+            tmp_path / "lora", weight_name=paths["kohya"].name)
+
+    args = ["misty mountains", "--count", "2", "--seed", "1", f"model.path={tiny_folder}", *SIZE]
+    assert cli("generate", [*args, "--out", str(tmp_path / "base.png")]) == 0
+    assert cli("generate", [*args, "--adapter", str(tmp_path / "lora"), "--out", str(tmp_path / "diffusers.png")]) == 0
+    assert cli("generate", [*args, "--adapter", str(paths["kohya"]), "--out", str(tmp_path / "kohya.png")]) == 0
+    for seed in ("seed00001.png", "seed00002.png"):
+        kohya, diffusers = _array(tmp_path / "kohya" / seed), _array(tmp_path / "diffusers" / seed)
+        assert np.abs(kohya - diffusers).max() <= 1, f"the kohya file paints otherwise than the diffusers file ({seed})"
+        assert np.abs(kohya - _array(tmp_path / "base" / seed)).mean() > 1.0, "the adapter changed nothing"
+
+    back = adalora.read_kohya(paths["kohya"], widths)  # per-module ranks come back exactly
+    assert {n: r for n, r in back.ranks.items() if r} == {n: r for n, r in ranks.items() if r}
+    for name in lora_A:
+        torch.testing.assert_close(back.lora_B[name] @ back.lora_A[name], lora_B[name] @ lora_A[name])
+
+
+def _lora_with_ranks_per_module(transformer, folder) -> None:
+    """A random plain LoRA on the attention + MLP set whose ranks differ between modules, as the
+    train stage exports AdaLoRA adapters (alpha = rank)."""
+    import re
+
+    from artmaster.adalora import ExportedLora, save_lora, target_modules_regex
+
+    pattern = re.compile(target_modules_regex("attention_mlp"))
+    g = torch.Generator().manual_seed(2)
+    lora_A, lora_B, ranks, out_features = {}, {}, {}, {}
+    for index, (name, module) in enumerate(transformer.named_modules()):
+        if isinstance(module, torch.nn.Linear):
+            out_features[name] = module.out_features
+            if pattern.fullmatch(name):
+                ranks[name] = 2 + index % 4
+                lora_A[name] = 0.3 * torch.randn(ranks[name], module.in_features, generator=g)
+                lora_B[name] = 0.3 * torch.randn(module.out_features, ranks[name], generator=g)
+    save_lora(ExportedLora(lora_A, lora_B, ranks, out_features), folder, base_model="tiny", trigger="zxh",
+              metadata={}, kohya=False)
+
+
+def test_a_folded_adapter_paints_like_the_loaded_one_keeps_one_graph_and_restores_the_base(make_cfg, tmp_path):
+    """`adapter_applied(fold=True)` (evaluate under model.fuse_lora): the same images as the LoRA
+    loaded unmerged, the base weights bit for bit afterwards, and compiled blocks keep their one
+    graph per block class, where the unmerged LoRA's per-module ranks make torch.compile trace anew."""
+    from artmaster.generate import adapter_applied
+    from artmaster.models import compile_blocks, uncompile_blocks
+
+    pipe = build_random_pipeline(make_cfg().model)
+    _lora_with_ranks_per_module(pipe.transformer, tmp_path / "lora")
+    weights = {name: param.detach().clone() for name, param in pipe.transformer.named_parameters()}
+    kwargs = dict(height=64, width=64, steps=2, guidance=1.0, max_sequence_length=16, batch_size=2)
+
+    def paint():
+        return np.stack([np.asarray(image, np.int16) for image in generate_images(pipe, ["mist", "cat"], [0, 1], **kwargs)])
+
+    base = paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=False):
+        loaded = paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=True):
+        folded = paint()
+    assert np.abs(loaded - base).max() > 10, "the adapter changed nothing"
+    assert np.abs(folded - loaded).max() <= 2
+    assert all(torch.equal(param, weights[name]) for name, param in pipe.transformer.named_parameters())
+
+    graphs = []
+    compile_blocks(pipe.transformer, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=False)
+    paint()
+    with adapter_applied(pipe, tmp_path / "lora", fold=True):
+        paint()
+    assert len(graphs) == 2
+    with adapter_applied(pipe, tmp_path / "lora", fold=False):
+        paint()
+    assert len(graphs) > 2
+    uncompile_blocks(pipe.transformer)
+    torch._dynamo.reset()

@@ -189,8 +189,10 @@ def test_continue_mode_writes_the_round_and_publishes_a_loadable_lora(cfg_for, m
     assert set(by_phase) == {"round", "continue"}
     assert by_phase["continue"].data.tags["mlflow.parentRunId"] == by_phase["round"].info.run_id
     assert by_phase["round"].data.params["retrain.mode"] == "continue"
-    assert by_phase["round"].data.metrics["accepted_used"] == 2
-    assert [m.step for m in client.get_metric_history(by_phase["continue"].info.run_id, "loss")] == [1, 2, 3]
+    assert by_phase["round"].data.metrics["result/refined_images"] == 2
+    assert by_phase["round"].info.run_name == "retrain round 0"
+    assert by_phase["continue"].info.run_name == "retrain round 0 continue"
+    assert [m.step for m in client.get_metric_history(by_phase["continue"].info.run_id, "loss/train")] == [1, 2, 3]
     assert {"lora", "adapter", "ranks.png"} <= {a.path for a in client.list_artifacts(by_phase["continue"].info.run_id)}
 
     # a second run with the same inputs keeps the round: the loop does not run again

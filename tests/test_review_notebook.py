@@ -1,5 +1,6 @@
-"""notebooks/review.ipynb runs top to bottom against the MLflow store of a tiny training run and
-shows its runs table, loss curve, sample grids and rank heatmap."""
+"""notebooks/review.ipynb runs top to bottom against the MLflow store of a tiny training run (and an
+evaluate run's record) and shows its runs table, loss and val_loss curves, labelled sample grids,
+the rank heatmap and the evaluation's table and pictures."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from PIL import Image
 from test_train import assets, make_run_cfg  # noqa: F401  (assets: fixture)
 
 from artmaster import train
+from artmaster.tracking import log_picture, log_summary, stage_run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "review.ipynb"
 pytestmark = pytest.mark.slow
@@ -22,19 +25,38 @@ def outputs(notebook, kind: str) -> list:
             if kind in o.get("data", {}) or o.get("output_type") == kind]
 
 
+def record_an_evaluation(cfg, folder: Path) -> None:
+    """What the evaluate stage leaves in MLflow for the notebook: headline, summary.md, grid.png."""
+    import mlflow
+
+    folder.mkdir()
+    Image.new("RGB", (64, 32), "white").save(folder / "grid.png")
+    (folder / "summary.md").write_text("| model | style_score |\n|---|---|\n| adapter | -4.1 |\n", encoding="utf-8")
+    with stage_run(cfg, "evaluate", sections=()):
+        log_summary({"adapter_gain": 0.336})
+        mlflow.log_artifact(str(folder / "summary.md"), artifact_path="evaluate")
+        log_picture(folder / "grid.png", "evaluate")
+
+
 def test_review_notebook_executes_against_a_tiny_run(assets, tmp_path, monkeypatch):  # noqa: F811
     cfg = make_run_cfg(assets, tmp_path, "train.samples.every=6")
     train.run(cfg)
+    record_an_evaluation(cfg, tmp_path / "evaluation")
     monkeypatch.setenv("ARTMASTER_TRACKING_URI", str(cfg.tracking.uri))
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
     assert not outputs(notebook, "error")
     text = "".join(o.get("text", "") for o in outputs(notebook, "stream"))
-    assert re.search(r"^1 runs$", text, re.M), text
-    grids = int(re.search(r"run train: (\d+) sample grids", text).group(1))
+    assert re.search(r"^2 runs$", text, re.M), text
+    assert "curves: loss/train, loss/val" in text, text
+    grids = int(re.search(r"run train r=8 lr=[^:]+: (\d+) sample grids", text).group(1))
     assert grids >= 2, text
+    assert "run evaluate: 1 evaluation pictures" in text, text
     html = "".join(o["data"]["text/html"] for o in outputs(notebook, "text/html"))
-    assert "train" in html  # the runs table lists the training stage
-    # loss curve, each sample grid and the rank heatmap
-    assert len(outputs(notebook, "image/png")) == 1 + grids + 1
+    assert "train r=8" in html and "result/loss" in html  # runs table: names and headline columns
+    assert "adapter_gain" in html  # the evaluation's headline
+    markdown = "".join(o["data"]["text/markdown"] for o in outputs(notebook, "text/markdown"))
+    assert "| adapter | -4.1 |" in markdown
+    # loss curves, each sample grid, the rank heatmap, the evaluation grid
+    assert len(outputs(notebook, "image/png")) == 1 + grids + 1 + 1

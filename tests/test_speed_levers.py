@@ -6,10 +6,12 @@ import re
 
 import pytest
 import torch
+import torch.utils._python_dispatch
+import torch.utils.checkpoint
 from accelerate import Accelerator
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from artmaster import flux_math, models, train
+from artmaster import flux_math, lora_branch, models, train
 from artmaster.adalora import ExportedLora, save_lora, set_input_casting, target_modules_regex, wrap_with_adalora
 from artmaster.generate import load_adapter
 
@@ -165,3 +167,241 @@ def test_fused_adapter_predicts_what_the_loaded_adapter_predicts(make_cfg, tmp_p
         assert len(layers) == (len(ranks) if fuse is False else 0)
     assert (outputs[False] - outputs[None]).abs().max() > 1e-2, "the adapter changed nothing"
     assert torch.allclose(outputs[True], outputs[False], atol=1e-4, rtol=1e-4)
+
+
+# --- issue 14: LoRA branch in the model's dtype, shared down-projections, one graph per block --------
+
+
+class _Gemms(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the dtype and output width of every matrix product (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[torch.dtype, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm, torch.ops.aten.bmm):
+            self.calls.append((out.dtype, out.shape[-1]))
+        return out
+
+
+def _adalora(cfg, seed: int = 0):
+    """The tiny transformer with AdaLoRA, every factor random (lora_E starts at 0 otherwise) and
+    a third of the singular values masked, fp32 adapters as build_training_state makes them."""
+    transformer = models.build_random_pipeline(cfg.model, with_text_encoders=False).transformer
+    transformer.requires_grad_(False)
+    torch.manual_seed(seed)
+    adapter = wrap_with_adalora(transformer, cfg.train.adalora, 20)
+    for name, param in adapter.named_parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+            torch.nn.init.normal_(param.data, std=0.1)
+            if ".lora_E." in name:
+                param.data[::3] = 0.0
+    return adapter
+
+
+def _forward_backward(adapter, cfg, dtype=torch.float32):
+    """Prediction and the adapters' gradients for one fixed batch."""
+    x = _inputs(cfg)
+    prediction = flux_math.predict_velocity(
+        adapter, flux_math.pack_latents(x["latent_mean"]).to(dtype), torch.tensor([0.3, 0.7]),
+        prompt_embeds=x["prompt_embeds"].to(dtype), pooled_prompt_embeds=x["pooled_prompt_embeds"].to(dtype),
+        image_ids=flux_math.latent_image_ids(8, 8), txt_ids=flux_math.text_ids(8),
+        guidance=flux_math.guidance_vector(1.0, 2))
+    prediction.float().pow(2).mean().backward()
+    grads = {name: param.grad.clone() for name, param in adapter.named_parameters() if param.requires_grad}
+    adapter.zero_grad(set_to_none=True)
+    return prediction.detach().float(), grads
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def test_branch_in_the_model_dtype_runs_bf16_gemms_from_fp32_master_weights(make_cfg):
+    """bf16 weights, fp32 adapters: peft copies each adapted input to fp32 and multiplies in fp32;
+    the fast branch multiplies in bf16 and hands the fp32 parameters fp32 gradients, as close to an
+    fp32 computation of the same bf16 model as peft's branch is."""
+    cfg = make_cfg("experiment=demo", "model.dtype=bfloat16")
+    results = {}
+    for branch in ("peft", "fast", "fp32 truth"):
+        adapter = _adalora(cfg)
+        if branch == "fast":
+            assert lora_branch.use_fast_branch(adapter, shared_down=False) == 44
+        if branch == "fp32 truth":
+            adapter.float()
+        with _Gemms() as gemms:
+            results[branch] = _forward_backward(adapter, cfg, torch.float32 if branch == "fp32 truth" else torch.bfloat16)
+        results[branch] += (gemms.calls,)
+    fp32_gemms = {branch: sum(dtype == torch.float32 for dtype, _ in results[branch][2]) for branch in ("peft", "fast")}
+    assert fp32_gemms["peft"] > 0 and fp32_gemms["fast"] == 0
+    truth_out, truth_grads, _ = results["fp32 truth"]
+    for branch in ("peft", "fast"):
+        out, grads, _ = results[branch]
+        assert {grad.dtype for grad in grads.values()} == {torch.float32}
+        assert _relative(out, truth_out) < 0.02, branch
+        errors = [_relative(grads[name], truth_grads[name]) for name in truth_grads if truth_grads[name].norm() > 0]
+        assert max(errors) < 0.1, branch
+        results[branch] = (_relative(out, truth_out), sorted(errors)[len(errors) // 2])
+    assert results["fast"][0] < 1.5 * results["peft"][0] and results["fast"][1] < 1.5 * results["peft"][1]
+
+
+def test_layers_reading_one_input_share_one_down_projection_gemm(make_cfg):
+    """q/k/v (each stream of a double block) and q/k/v + MLP input (single blocks) project their
+    input down once; in fp32 the fast branch without sharing is peft's forward bit for bit, with
+    sharing equal to rounding, masked AdaLoRA factors included."""
+    cfg = make_cfg("experiment=demo")
+    adapter = _adalora(cfg)
+    with _Gemms() as gemms:
+        peft_out, peft_grads = _forward_backward(adapter, cfg)
+    peft_calls = gemms.calls
+    lora_branch.use_fast_branch(adapter, dtype=torch.float32, shared_down=False)
+    out, grads = _forward_backward(adapter, cfg)
+    assert torch.equal(out, peft_out) and all(torch.equal(grads[k], peft_grads[k]) for k in grads)
+    lora_branch.use_fast_branch(adapter, dtype=torch.float32, shared_down=True)
+    with _Gemms() as gemms:
+        out, grads = _forward_backward(adapter, cfg)
+    assert torch.allclose(out, peft_out, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert torch.allclose(grad, peft_grads[name], rtol=1e-4, atol=1e-7), name
+    r = int(cfg.train.adalora.init_r)
+    arch = cfg.model.architecture.transformer
+    # forward down-projections: 2 x 3 per double block and 4 per single block become 2 and 1 GEMMs
+    separate = sum(width == r for _, width in peft_calls) - sum(width == r for _, width in gemms.calls)
+    assert sum(width == 3 * r for _, width in gemms.calls) >= 2 * arch.num_layers
+    assert sum(width == 4 * r for _, width in gemms.calls) >= arch.num_single_layers
+    assert separate >= 2 * 3 * arch.num_layers + 4 * arch.num_single_layers
+    lora_branch.use_peft_branch(adapter)
+    out, _ = _forward_backward(adapter, cfg)
+    assert torch.equal(out, peft_out)
+    assert not any(hasattr(m, "_shared_input") for m in adapter.modules())
+
+
+def test_the_fast_branch_trains_like_peft_and_exports_exactly(make_cfg):
+    """Three optimizer steps with the fast branch (fp32 tiny model, shared down-projections) give
+    peft's losses and adapters up to rounding; the exported plain LoRA predicts what the adapter does."""
+    from artmaster.adalora import export_lora, fuse_lora_
+
+    encodings = _encodings(make_cfg())
+    results = {}
+    for branch in ("float32", "model"):
+        cfg = make_cfg("experiment=demo", f"train.lora_branch.precision={branch}",
+                       f"train.lora_branch.shared_down={branch == 'model'}")
+        state = _state(cfg)
+        switched = [m for m in state.adapter.modules() if type(m).__name__.startswith("Fast")]
+        assert bool(switched) == (branch == "model")
+        outs = [train.training_step(state, [train.make_batch(encodings, ["s0", "s1"])], step,
+                                    [train.seeded_generator(0, step)]) for step in (1, 2, 3)]
+        results[branch] = (outs, {name: p.detach().clone() for name, p in state.named_params}, state)
+    (outs_p, params_p, _), (outs_f, params_f, state) = results["float32"], results["model"]
+    for a, b in zip(outs_p, outs_f):
+        assert torch.allclose(a["loss"], b["loss"], rtol=1e-5), (a["loss"], b["loss"])
+    for name, value in params_p.items():
+        assert torch.allclose(value, params_f[name], rtol=1e-4, atol=1e-6), name
+    cfg = make_cfg("experiment=demo")
+    exported = export_lora(state.adapter)
+    x = _inputs(cfg)
+
+    def predict(model):
+        with torch.no_grad():
+            return flux_math.predict_velocity(
+                model, flux_math.pack_latents(x["latent_mean"]), torch.full((2,), 0.5),
+                prompt_embeds=x["prompt_embeds"], pooled_prompt_embeds=x["pooled_prompt_embeds"],
+                image_ids=flux_math.latent_image_ids(8, 8), txt_ids=flux_math.text_ids(8),
+                guidance=flux_math.guidance_vector(1.0, 2))
+
+    adapted = predict(state.adapter)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_lora(exported, folder, base_model="tiny", trigger="zxh", metadata={}, kohya=False)
+        base = models.build_random_pipeline(cfg.model, with_text_encoders=False).transformer
+        fuse_lora_(base, folder)
+    assert torch.allclose(predict(base), adapted, atol=1e-5, rtol=1e-5)
+
+
+def test_ranknum_stays_a_constant_on_a_bf16_model(make_cfg):
+    """peft re-creates AdaLoRA's rank normaliser as a trainable fp32 Parameter on bf16 models."""
+    state = _state(make_cfg("experiment=demo", "model.dtype=bfloat16"))
+    assert {name.rsplit(".", 2)[-2] for name, _ in state.named_params} == {"lora_A", "lora_B", "lora_E"}
+
+
+def test_lora_branch_settings_are_cuda_levers_and_bad_values_are_named(make_cfg):
+    from omegaconf import OmegaConf
+
+    adapter = _adalora(make_cfg("experiment=demo"))
+    assert lora_branch.configure(adapter, OmegaConf.create({"precision": "auto", "shared_down": "auto"}),
+                                 on_cuda=False) == ("float32", False)
+    assert not any(type(m).__name__.startswith("Fast") for m in adapter.modules())  # the CPU demo: peft's
+    assert lora_branch.configure(adapter, OmegaConf.create({"precision": "auto", "shared_down": "auto"}),
+                                 on_cuda=True) == ("model", True)
+    assert any(type(m).__name__.startswith("Fast") for m in adapter.modules())
+    with pytest.raises(ValueError, match="train.lora_branch.precision='fp16'"):
+        lora_branch.configure(adapter, OmegaConf.create({"precision": "fp16"}), on_cuda=True)
+    with pytest.raises(ValueError, match="train.lora_branch.shared_down='yes'"):
+        lora_branch.configure(adapter, OmegaConf.create({"shared_down": "yes"}), on_cuda=True)
+
+
+def _counting_backend(graphs: list):
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    return backend
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_compiled_training_traces_one_graph_per_block_class_and_shape(make_cfg, shared):
+    """The training compile (`train.compile_for_training`, here with a counting backend on the CPU):
+    two bucket shapes give 2 x 2 graphs, none broken; the inputs of the first double block require
+    grad and the first single block gets views like every later one, as without the fixes each
+    block class would trace twice per shape."""
+    cfg = make_cfg("experiment=demo", f"train.lora_branch.shared_down={shared}", "train.lora_branch.precision=model")
+    state = _state(cfg)
+    graphs: list = []
+    models.compile_blocks(state.adapter.base_model.model, backend=_counting_backend(graphs), dynamic=False,
+                          fullgraph=True)
+    state.flow = train.FlowSettings(**{**state.flow.__dict__, "inputs_require_grad": True})
+    arch = cfg.model.architecture.transformer
+    g = torch.Generator().manual_seed(0)
+    for step, (h, w) in enumerate([(8, 8), (8, 8), (12, 8), (12, 8), (8, 8)], 1):
+        encodings = {"s": {"latent_mean": torch.randn(16, h, w, generator=g), "latent_std": torch.full((16, h, w), .05),
+                           "prompt_embeds": torch.randn(8, arch.joint_attention_dim, generator=g),
+                           "pooled_prompt_embeds": torch.randn(arch.pooled_projection_dim, generator=g)}}
+        out = train.training_step(state, [train.make_batch(encodings, ["s"])], step, [train.seeded_generator(0, step)])
+        assert torch.isfinite(out["loss"])
+    assert len(graphs) == 4
+    models.uncompile_blocks(state.adapter.base_model.model)
+    torch._dynamo.reset()
+
+
+def test_generation_through_compiled_blocks_traces_one_graph_per_block_class(make_cfg):
+    cfg = make_cfg("experiment=demo")
+    pipe = models.build_random_pipeline(cfg.model)
+    graphs: list = []
+    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), dynamic=False, fullgraph=True)
+    from artmaster.generate import generate_images
+
+    generate_images(pipe, ["a", "b"], [0, 1], height=64, width=64, steps=2, guidance=1.0, max_sequence_length=8,
+                    batch_size=2)
+    assert len(graphs) == 2
+    torch._dynamo.reset()
+
+
+def test_selective_checkpointing_recomputes_the_chosen_blocks_and_keeps_the_gradients(make_cfg, monkeypatch):
+    cfg = make_cfg("experiment=demo")
+    adapter = _adalora(cfg)
+    transformer = adapter.base_model.model
+    out, grads = _forward_backward(adapter, cfg)
+    calls = []
+    real = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: calls.append(fn) or real(fn, *a, **k))
+    blocks = models.transformer_blocks(transformer)
+    assert models.enable_checkpointing(transformer, 0.5) == len(blocks) // 2
+    out_ckpt, grads_ckpt = _forward_backward(adapter, cfg)
+    assert len(calls) == len(blocks) // 2
+    assert {fn.__self__ for fn in calls} == {blocks[i] for i in range(0, len(blocks), 2)}
+    assert torch.allclose(out_ckpt, out) and all(torch.allclose(grads_ckpt[k], grads[k], atol=1e-7) for k in grads)
+    with pytest.raises(ValueError, match="gradient_checkpointing_fraction=0"):
+        models.enable_checkpointing(transformer, 0)

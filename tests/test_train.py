@@ -213,12 +213,19 @@ def test_run_writes_adapter_lora_card_ranks_metrics_and_logs_to_mlflow(reference
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id],
                              filter_string="tags.`artmaster.stage` = 'train'")[0]
     assert run.data.params["train.optim.lr"] == str(cfg.train.optim.lr)
-    for key in ("loss", "lr", "orthogonal", "grad_norm", "rank_budget", "active_rank"):
+    assert run.info.run_name == f"train r={cfg.train.adalora.target_r} lr=1e-2"
+    for key in ("loss/train", "optim/lr", "objective/orthogonal", "optim/grad_norm", "rank/budget", "rank/active"):
         assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [2, 4, 6, 8, 10, 12], key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "val_loss")] == [0, 6, 12]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss/val")] == [0, 6, 12]
+    headline = json.loads((out / "headline.json").read_text())
+    assert set(headline) == {"loss", "val_loss", "ranks"}
+    assert {k for k in run.data.metrics if k.startswith("result/")} == {f"result/{k}" for k in headline}
+    assert run.data.params["plan.optimizer_steps"] == "12"
+    assert [int(r["step"]) for r in csv.DictReader((out / "val_loss.csv").open())] == [0, 6, 12]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"adapter", "lora", "ranks.png", "ranks.json", "samples", "metrics.json", "loss.csv"} <= artifacts
-    assert any("sample" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
+    images = [a.path for a in client.list_artifacts(run.info.run_id, "images")]
+    assert any(path.startswith("images/prompt 0 seed 0+step+12") for path in images), images
 
 
 class Killed(Exception):
@@ -314,10 +321,15 @@ def test_two_by_two_sweep_is_one_parent_run_with_four_children_and_a_summary(ass
     children = client.search_runs([experiment], filter_string=f"tags.mlflow.parentRunId = '{parents[0].info.run_id}'")
     points = {(c.data.params["train.adalora.target_r"], c.data.params["train.optim.lr"]) for c in children}
     assert points == {("4", "0.0001"), ("4", "0.0002"), ("8", "0.0001"), ("8", "0.0002")}
-    assert all("final_loss" in c.data.metrics for c in children)
+    assert all("result/loss" in c.data.metrics for c in children)
+    assert parents[0].info.run_name == "sweep train (4 points)"
+    # children are named by the swept keys only (not by the fixed overrides of the command)
+    assert {c.info.run_name for c in children} == {f"train target_r={r} lr={lr}" for r in (4, 8)
+                                                   for lr in ("0.0001", "0.0002")}
+    assert "| train.adalora.target_r |" in parents[0].data.tags["mlflow.note.content"]
 
     rows = list(csv.DictReader((sweep_dir / "summary.csv").open()))
-    assert len(rows) == 4 and {"train.adalora.target_r", "train.optim.lr", "final_loss"} <= set(rows[0])
+    assert len(rows) == 4 and {"train.adalora.target_r", "train.optim.lr", "result/loss"} <= set(rows[0])
     assert "| train.adalora.target_r |" in (sweep_dir / "summary.md").read_text().replace("| run | status ", "")
     for number in range(4):  # each point wrote its own outputs; data/train was left alone
         assert (sweep_dir / str(number) / "train" / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -121,7 +121,13 @@ def adalora_config(adalora_cfg: DictConfig, total_step: int) -> AdaLoraConfig:
 def wrap_with_adalora(transformer: torch.nn.Module, adalora_cfg: DictConfig, total_step: int) -> PeftModel:
     """The transformer with AdaLoRA adapters, through `get_peft_model` (add_adapter and
     inject_adapter_in_model drop the AdaLoraModel that owns the rank allocator)."""
-    return get_peft_model(transformer, adalora_config(adalora_cfg, total_step))
+    model = get_peft_model(transformer, adalora_config(adalora_cfg, total_step))
+    # On a bf16 model peft re-creates each layer's `ranknum` (the rank AdaLoRA divides the update
+    # by) as an fp32 Parameter that requires grad: it is a constant, never a trainable weight.
+    for name, param in model.named_parameters():
+        if ".ranknum." in name:
+            param.requires_grad_(False)
+    return model
 
 
 # --------------------------------------------------------------------------------------------
@@ -567,6 +573,59 @@ def kohya_state_dict(exported: ExportedLora) -> dict[str, torch.Tensor]:
         state[f"{stem}.lora_up.weight"] = up
         state[f"{stem}.alpha"] = torch.tensor(float(rank))
     return state
+
+
+def is_kohya_file(path: str | Path) -> bool:
+    """A .safetensors file with kohya / ComfyUI FLUX keys (`lora_unet_*`)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".safetensors":
+        return False
+    with safe_open(str(path), framework="pt") as handle:
+        return any(key.startswith("lora_unet_") for key in handle.keys())
+
+
+def read_kohya(path: str | Path, out_features: dict[str, int]) -> ExportedLora:
+    """A kohya / ComfyUI FLUX LoRA file (BFL layer names, `.lora_down/.lora_up/.alpha`) as plain
+    diffusers-named LoRA with scale 1, exactly: `alpha / rank` is folded into the up matrix, and a
+    fused layer (qkv, linear1) is split into its diffusers modules by their widths in
+    `out_features` (the model's own, so any model size loads; diffusers' kohya converter assumes
+    FLUX.1-dev's widths). Each part keeps the down rows its up block uses: the block-diagonal up
+    matrices ArtMaster writes come back with their per-module ranks; a dense one keeps them all."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    layers = {}
+    for prefix, (block, parts_by_layer) in BFL_LAYOUT.items():
+        for bfl_layer, parts in parts_by_layer.items():
+            layers[(block, bfl_layer)] = (prefix, parts)
+    lora_A, lora_B, ranks = {}, {}, {}
+    for key in sorted(k for k in state if k.endswith(".lora_down.weight")):
+        stem = key.removesuffix(".lora_down.weight")
+        match = re.fullmatch(r"lora_unet_(double_blocks|single_blocks)_(\d+)_(.+)", stem)
+        if match is None or (match.group(1), match.group(3)) not in layers:
+            raise ValueError(f"{path}: key {key!r} is no FLUX transformer-block layer (kohya/BFL naming)")
+        block, index, bfl_layer = match.groups()
+        prefix, parts = layers[(block, bfl_layer)]
+        down, up = state[key].float(), state[f"{stem}.lora_up.weight"].float()
+        rank = down.shape[0]
+        scale = float(state[f"{stem}.alpha"]) / rank if f"{stem}.alpha" in state else 1.0
+        modules = [f"{prefix}.{index}.{part}" for part in parts]
+        missing = [module for module in modules if module not in out_features]
+        if missing:
+            raise ValueError(f"{path}: {stem} needs modules the model lacks: {missing}")
+        widths = [out_features[module] for module in modules]
+        if sum(widths) != up.shape[0]:
+            raise ValueError(f"{path}: {stem} has {up.shape[0]} output rows; this model's {'+'.join(modules)} "
+                             f"have {sum(widths)} (a LoRA for another model size?)")
+        for module, part_up in zip(modules, torch.split(up, widths)):
+            used = part_up.abs().sum(dim=0) != 0
+            ranks[module] = int(used.sum())
+            if ranks[module]:
+                lora_A[module] = down[used].contiguous()
+                lora_B[module] = (part_up[:, used] * scale).contiguous()
+    return ExportedLora(lora_A, lora_B, ranks, dict(out_features))
 
 
 def diffusers_state_dict(exported: ExportedLora) -> dict[str, torch.Tensor]:

@@ -35,15 +35,16 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
+from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
 from artmaster.crop import TRAIN, split_rows
 from artmaster.files import read_jsonl, write_atomic
-from artmaster.generate import generate_images, image_grid, load_adapter, save_image_atomic, torch_threads
+from artmaster.generate import generate_images, image_grid, load_adapter, save_image_atomic
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
 from artmaster.train import scaled_size
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import child_run, log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def files_digest(paths: list[Path], root: Path) -> str:
 def inputs_fingerprint(cfg: DictConfig, adapter: Path, crops_file: Path, captions_file: Path) -> str:
     """What a finished sample depends on besides its prompt and seed (pictures excluded)."""
     augment = OmegaConf.to_container(cfg.augment, resolve=True)
-    for key in ("picture", "round", "rounds", "plan", "count", "prompts", "seed", "cpu_threads"):
+    for key in ("picture", "round", "rounds", "plan", "count", "prompts", "seed"):
         augment.pop(key)
     return params_hash(
         {
@@ -151,33 +152,44 @@ def draw_comparison(original: Image.Image, refined: Image.Image | None, record: 
 # --- the stage ---------------------------------------------------------------------------------
 
 
-class Workers:
-    """The reference model, pipeline, critic and refiner, built on first use (a resumed run that
-    finds every sample done loads none of them)."""
+class TrainingReference:
+    """The style model of the training crops, fitted on first use; every replicate shares it."""
 
-    def __init__(self, cfg: DictConfig, crop_dir: Path, crops: list[dict], captions: list[str]):
-        self.cfg = cfg
+    def __init__(self, metrics: DictConfig, crop_dir: Path, crops: list[dict]):
+        self.metrics = metrics
+        self.paths = [crop_dir / row["path"] for row in crops]
         self.crop_dir = crop_dir
-        self.crops = crops
+
+    @cached_property
+    def fitted(self) -> tuple[StyleFeatureExtractor, StyleModel]:
+        extractor = StyleFeatureExtractor.from_config(self.metrics)
+        features, skipped = extractor.extract_files(self.paths, root=self.crop_dir)
+        for error in skipped:
+            log.error("augment: reference crop skipped: %s", error)
+        return extractor, StyleModel.fit(features, self.metrics)
+
+
+class Workers:
+    """The pipeline with one adapter, the critic and the refiner, built on first use (a resumed
+    run that finds every sample done loads none of them)."""
+
+    def __init__(self, cfg: DictConfig, adapter: Path, training_reference: TrainingReference, captions: list[str]):
+        self.cfg = cfg
+        self.adapter = adapter
+        self.training_reference = training_reference
         self.captions = captions
         self.prompt_embeddings: dict = {}  # `generate_images`' cache: the plan cycles through a few prompts
 
-    @cached_property
+    @property
     def reference(self) -> tuple[StyleFeatureExtractor, StyleModel]:
-        metrics = self.cfg.evaluate.metrics
-        extractor = StyleFeatureExtractor.from_config(metrics)
-        paths = [self.crop_dir / row["path"] for row in self.crops]
-        features, skipped = extractor.extract_files(paths, root=self.crop_dir)
-        for error in skipped:
-            log.error("augment: reference crop skipped: %s", error)
-        return extractor, StyleModel.fit(features, metrics)
+        return self.training_reference.fitted
 
     @cached_property
     def pipe(self):
         from artmaster.models import load_pipeline
 
         pipe = load_pipeline(self.cfg.model)
-        load_adapter(pipe, round_adapter(self.cfg), fuse=bool(self.cfg.model.fuse_lora))
+        load_adapter(pipe, self.adapter, fuse=bool(self.cfg.model.fuse_lora))
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
@@ -308,15 +320,14 @@ def round_adapter(cfg: DictConfig) -> Path:
 
 
 def run(cfg: DictConfig) -> dict:
-    """One ArtAug round: generate -> critique -> refine -> filter, resumable per sample."""
+    """One ArtAug round: generate -> critique -> refine -> filter, resumable per sample; for each
+    training replicate (`replicates.count`) with that replicate's adapter."""
     settings = cfg.augment
     if not 0 <= int(settings.round) < int(settings.rounds):
         raise ValueError(f"augment.round={settings.round} must be in [0, augment.rounds={settings.rounds})")
-    adapter = round_adapter(cfg)
-    if not adapter.is_dir() or not any(adapter.glob("*.safetensors")):
-        previous = ("`artmaster train` first, or point augment.adapter at a diffusers LoRA folder"
-                    if int(settings.round) == 0 else f"`artmaster retrain retrain.round={int(settings.round) - 1}` first")
-        raise FileNotFoundError(f"augment.adapter {adapter}: no LoRA folder with *.safetensors (run {previous})")
+    batch_size = int(settings.generation.batch_size)
+    if batch_size < 1:
+        raise ValueError(f"augment.generation.batch_size must be >= 1, got {batch_size}")
     crop_dir = stage_dir(cfg, "crop")
     crops_file = crop_dir / "crops.jsonl"
     captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
@@ -326,64 +337,85 @@ def run(cfg: DictConfig) -> dict:
     train_ids = {str(row["crop_id"]) for row in crops}
     captions = [str(row["caption"]) for row in read_jsonl(captions_file)
                 if row.get("caption") and str(row.get("crop_id")) in train_ids]
+    round_out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
+    training_reference = TrainingReference(cfg.evaluate.metrics, crop_dir, crops)
+    processes = Processes(cfg.model)
+    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate", "replicates"),
+                         label=f"round {settings.round}") if processes.is_main else nullcontext()
+    metrics = {}
+    with tracking:
+        for replicate, replicate_cfg in replicates.each(cfg):
+            adapter = replicate.adapter(round_adapter(cfg))
+            child = child_run(cfg, "augment", replicate.label) \
+                if processes.is_main and not replicate.is_product else nullcontext()
+            with child:
+                workers = Workers(replicate_cfg, adapter, training_reference, captions)
+                fingerprint = inputs_fingerprint(replicate_cfg, adapter, crops_file, captions_file)
+                result = augment_round(replicate_cfg, workers, replicate.folder(round_out), fingerprint, processes)
+            if replicate.is_product:
+                metrics = result
+            elif processes.is_main:
+                metrics.setdefault("replicates", {})[replicate.label] = {
+                    key: result[key] for key in ("accepted", "mean_style_gain")}
+    return metrics
+
+
+def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str, processes: Processes) -> dict:
+    """The round for one adapter (`workers.adapter`), written into `out`; logged to the open run."""
+    settings = cfg.augment
+    adapter = workers.adapter
+    if not adapter.is_dir() or not any(adapter.glob("*.safetensors")):
+        previous = ("`artmaster train` first, or point augment.adapter at a diffusers LoRA folder"
+                    if int(settings.round) == 0 else f"`artmaster retrain retrain.round={int(settings.round) - 1}` first")
+        raise FileNotFoundError(f"augment.adapter {adapter}: no LoRA folder with *.safetensors (run {previous})")
     plan = sample_plan(settings)
     generation = generation_settings(cfg)
     batch_size = int(settings.generation.batch_size)
-    if batch_size < 1:
-        raise ValueError(f"augment.generation.batch_size must be >= 1, got {batch_size}")
-    fingerprint = inputs_fingerprint(cfg, adapter, crops_file, captions_file)
-    out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
-    processes = Processes(cfg.model)
     if processes.is_main:
         for folder in SUBFOLDERS:
             (out / folder).mkdir(parents=True, exist_ok=True)
         remove_stale(out, plan)
     processes.wait()  # no process writes a sample before the stale ones are gone
 
-    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate")) \
-        if processes.is_main else nullcontext()
-    with tracking, torch_threads(settings.cpu_threads):
-        workers = Workers(cfg, crop_dir, crops, captions)
-        share = processes.share(plan, "augment")
-        mine, resumed = [], 0
-        with tqdm(total=len(share), desc=f"augment round {settings.round}", unit="sample",
-                  disable=not processes.is_main) as progress:
-            for start in range(0, len(share), batch_size):
-                batch = share[start : start + batch_size]
-                done = {s.sample_id: _finished(out / "samples" / f"{s.sample_id}.json", s, fingerprint) for s in batch}
-                todo = [sample for sample in batch if done[sample.sample_id] is None]
-                resumed += len(batch) - len(todo)
-                for sample, original in zip(todo, workers.paint_originals(todo, generation) if todo else []):
-                    done[sample.sample_id] = process_sample(sample, original, workers, generation, cfg, out, fingerprint)
-                mine.extend(done[sample.sample_id] for sample in batch)
-                progress.update(len(batch))
-        records = processes.gather(mine)
-        resumed = sum(processes.gather([resumed]))
-        if not processes.is_main:
-            return {}
-        if resumed:
-            log.info("augment: %d of %d samples were already done and kept", resumed, len(plan))
-        import mlflow
+    share = processes.share(plan, "augment")
+    mine, resumed = [], 0
+    with tqdm(total=len(share), desc=f"augment round {settings.round}", unit="sample",
+              disable=not processes.is_main) as progress:
+        for start in range(0, len(share), batch_size):
+            batch = share[start : start + batch_size]
+            done = {s.sample_id: _finished(out / "samples" / f"{s.sample_id}.json", s, fingerprint) for s in batch}
+            todo = [sample for sample in batch if done[sample.sample_id] is None]
+            resumed += len(batch) - len(todo)
+            for sample, original in zip(todo, workers.paint_originals(todo, generation) if todo else []):
+                done[sample.sample_id] = process_sample(sample, original, workers, generation, cfg, out, fingerprint)
+            mine.extend(done[sample.sample_id] for sample in batch)
+            progress.update(len(batch))
+    records = processes.gather(mine)
+    resumed = sum(processes.gather([resumed]))
+    if not processes.is_main:
+        return {}
+    if resumed:
+        log.info("augment: %d of %d samples were already done and kept", resumed, len(plan))
+    import mlflow
 
-        write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name)}
-        write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-        if records:
-            pictures = []
-            for record in records:
-                with Image.open(out / record["files"]["comparison"]) as opened:
-                    pictures.append(opened.convert("RGB"))
-            sheet = image_grid(pictures, int(settings.picture.contact_columns), [r["sample_id"] for r in records])
-            save_image_atomic(sheet, out / "contact_sheet.png")
-            log_picture(out / "contact_sheet.png", "augment")
-            mlflow.log_artifacts(str(out / "comparisons"), artifact_path="augment/pairs")
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        mlflow.log_artifact(str(out / "samples.jsonl"), artifact_path="augment")
-        mlflow.log_artifact(str(out / "metrics.json"), artifact_path="augment")
-    log.info(
-        "augment round %s: %d/%d accepted, mean style gain %s -> %s",
-        settings.round, metrics["accepted"], metrics["samples"], metrics["mean_style_gain"], out,
-    )
+    write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name)}
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
+    if records:
+        pictures = []
+        for record in records:
+            with Image.open(out / record["files"]["comparison"]) as opened:
+                pictures.append(opened.convert("RGB"))
+        sheet = image_grid(pictures, int(settings.picture.contact_columns), [r["sample_id"] for r in records])
+        save_image_atomic(sheet, out / "contact_sheet.png")
+        log_picture(out / "contact_sheet.png", "augment")
+        mlflow.log_artifacts(str(out / "comparisons"), artifact_path="augment/pairs")
+    log_summary({key: metrics[key] for key in ("accepted", "samples", "mean_style_gain") if metrics[key] is not None},
+                details=metrics, note=f"Critic `{cfg.critic.name}`, refiner `{cfg.refine.name}`; samples in `{out}`.")
+    mlflow.log_artifact(str(out / "samples.jsonl"), artifact_path="augment")
+    mlflow.log_artifact(str(out / "metrics.json"), artifact_path="augment")
+    log.info("augment round %s (%s): %d/%d accepted, mean style gain %s -> %s",
+             settings.round, adapter, metrics["accepted"], metrics["samples"], metrics["mean_style_gain"], out)
     return metrics
 
 

@@ -36,7 +36,7 @@ from artmaster import flux_math
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.files import staged_dir
 from artmaster.generate import encode_prompts, generate_images, image_grid
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,9 @@ def train_vae(vae, images: list[torch.Tensor], settings: DictConfig, generator: 
         schedule.step()
         l1_history.append(l1.item())
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            mlflow.log_metrics({"vae_l1": l1.item(), "vae_mse": mse.item(), "vae_coarse_l1": coarse.item(),
-                                "vae_chroma_l1": chroma.item(),
-                                "vae_kl": kl.item(),
-                                "vae_lr": schedule.get_last_lr()[0]}, step=step)
+            mlflow.log_metrics({"vae/l1": l1.item(), "vae/mse": mse.item(), "vae/coarse_l1": coarse.item(),
+                                "vae/chroma_l1": chroma.item(), "vae/kl": kl.item(),
+                                "vae/lr": schedule.get_last_lr()[0]}, step=step)
     vae.eval().requires_grad_(False)
     return l1_history
 
@@ -295,8 +294,8 @@ def train_transformer(transformer, buckets: list[LatentBucket], embeds: torch.Te
         schedule.step()
         losses.append(loss.item())
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            mlflow.log_metrics({"flow_loss": loss.item(), "flow_grad_norm": grad_norm.item(),
-                                "flow_lr": schedule.get_last_lr()[0]}, step=step)
+            mlflow.log_metrics({"flow/loss": loss.item(), "flow/grad_norm": grad_norm.item(),
+                                "flow/lr": schedule.get_last_lr()[0]}, step=step)
     transformer.eval().requires_grad_(False)
     return losses
 
@@ -386,7 +385,6 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
         "corpus_captions": len(captions),
         **{f"seconds_{phase}": round(value, 2) for phase, value in seconds.items()},
     }
-    mlflow.log_metrics(metrics)
     mlflow.log_text("\n".join(captions), "corpus_captions.txt")
     mlflow.log_text("\n".join(f"prompt {row}: {prompt}" for row, prompt in enumerate(samples.prompts)),
                     "sample_prompts.txt")
@@ -506,8 +504,6 @@ def file_sha256(path: Path, cache: dict) -> str:
 
 def record_flux_weights(cfg: DictConfig, staging: Path) -> dict:
     """flux_dev: check the local weights and record revision and hashes; no training."""
-    import mlflow
-
     folder, commit = locate_flux_weights(cfg.model)
     files = weight_files(folder)
     cache_path = _hash_cache_path(cfg.base.weights)
@@ -530,14 +526,11 @@ def record_flux_weights(cfg: DictConfig, staging: Path) -> dict:
     partial.write_text(json.dumps(cache, indent=1), encoding="utf-8")
     os.replace(partial, cache_path)
     _write_record(staging, record)
-    metrics = {"weight_files": len(files), "weight_gb": sum(f["bytes"] for f in record["files"].values()) / 1e9}
-    mlflow.log_metrics(metrics)
-    return metrics
+    return {"weight_files": len(files), "weight_gb": sum(f["bytes"] for f in record["files"].values()) / 1e9}
 
 
 def record_architecture(cfg: DictConfig, staging: Path) -> dict:
     """flux_dev_random: nothing to train or check; record the architecture and its size."""
-    import mlflow
     from diffusers import AutoencoderKL, FluxTransformer2DModel
 
     arch = OmegaConf.to_container(cfg.model.architecture, resolve=True)
@@ -547,7 +540,6 @@ def record_architecture(cfg: DictConfig, staging: Path) -> dict:
             "vae_parameters": sum(p.numel() for p in AutoencoderKL(**arch["vae"]).parameters()),
         }
     _write_record(staging, {"profile": cfg.model.profile, "architecture": arch, **counts})
-    mlflow.log_metrics(counts)
     return counts
 
 
@@ -561,6 +553,14 @@ def _write_record(staging: Path, record: dict) -> None:
 # --- stage -------------------------------------------------------------------------------------
 
 
+def headline(metrics: dict) -> dict:
+    """tiny: the transformer's final flow-matching loss and the VAE's reconstruction error on the
+    held-out styles; flux_dev: the size of the checked weights; flux_dev_random: its parameters."""
+    names = {"loss": "flow_loss", "vae_l1": "vae_recon_l1", "weight_gb": "weight_gb",
+             "parameters": "transformer_parameters"}
+    return {name: metrics[key] for name, key in names.items() if key in metrics}
+
+
 def run(cfg: DictConfig) -> dict:
     """Pretrain the tiny base model, or check and record the FLUX.1-dev weights."""
     out_dir = stage_dir(cfg, "base")
@@ -571,6 +571,7 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "base", sections=("base", "model", "caption", "seed")), staged_dir(out_dir) as staging:
         metrics = actions[profile](cfg, staging)
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        log_summary(headline(metrics), details=metrics, folder=staging)
     print(f"base ({profile}): " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                             for k, v in metrics.items()))
     return {"out_dir": str(out_dir), **metrics}

@@ -38,7 +38,7 @@ from artmaster.imagestats import (
     small_blob_count,
     to_float_rgb,
 )
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import log_picture, log_summary, stage_run
 from artmaster.vlm import load_image_text_model
 
 log = logging.getLogger(__name__)
@@ -372,13 +372,13 @@ def run(cfg: DictConfig) -> dict:
         (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         draw_caption_sheet(sheet_items, settings.sheet).save(staging / "caption_sheet.png")
 
-        mlflow.log_metrics(
-            {
-                "captions": len(rows),
+        log_summary(
+            {"captions": len(rows)},
+            details={
                 "failed_crops": len(failed),
                 "unknown_override_ids": len(unknown),
-                **{f"captions_{source}": count for source, count in by_source.items()},
-            }
+                **{f"captions from {source}": count for source, count in by_source.items()},
+            },
         )
         mlflow.log_table(
             data={

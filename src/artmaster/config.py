@@ -288,8 +288,11 @@ def hydra_entry(run: Callable[[DictConfig], object]) -> Callable[[], None]:
     def _main(cfg: DictConfig):
         from hydra.core.hydra_config import HydraConfig
 
+        from artmaster import runtime
+
         try:
             validate(cfg, HydraConfig.get().overrides.task)
+            runtime.apply(cfg.runtime)
             return run(cfg)
         except ConfigError as error:  # the user's to fix: one clear line, no traceback
             print(f"artmaster: {error}", file=sys.stderr)

@@ -38,7 +38,7 @@ from artmaster.imagestats import (
     rgb_to_lab,
     to_float_rgb,
 )
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -505,16 +505,15 @@ def run(cfg: DictConfig) -> dict:
         }
         (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
-        mlflow.log_metrics(
-            {
+        log_summary(
+            {"crops": len(rows), "crops_heldout": summary["per_split"][HELDOUT]},
+            details={
                 "scans": len(entries),
-                "crops": len(rows),
                 "failed_scans": len(failed),
                 "scans_without_crops": len(summary["scans_without_crops"]),
                 "heldout_scans": len(heldout),
-                "crops_heldout": summary["per_split"][HELDOUT],
-                **{f"crops_{name}": count for name, count in per_bucket.items()},
-            }
+                **{f"crops {name}": count for name, count in per_bucket.items()},
+            },
         )
         log_picture(staging / "contact_sheet.png")
         mlflow.log_artifact(str(staging / "summary.json"))

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.files import staged_dir, thumbnail_sheet
 from artmaster.painter import scan, style_by_name
-from artmaster.tracking import stage_run
+from artmaster.tracking import log_summary, stage_run
 
 SUFFIXES = {"jpeg": ".jpg", "png": ".png", "tiff16": ".tif"}
 # The transpose that, followed by the one EXIF orientation n asks viewers for, gives the original.
@@ -182,13 +182,10 @@ def run(cfg: DictConfig) -> dict:
             thumb = image.copy()
             thumb.thumbnail((settings.thumbnail_long_side,) * 2, Image.Resampling.BOX)
             thumbs.append((f"{PurePosixPath(item.path).name} {item.width}x{item.height}", thumb))
-        mlflow.log_metrics(
-            {
-                "scans": len(items),
-                "megapixels": sum(item.width * item.height for item in items) / 1e6,
-                "captions": sum(item.caption is not None for item in items),
-            }
-        )
+        log_summary({"scans": len(items)},
+                    details={"megapixels": sum(item.width * item.height for item in items) / 1e6,
+                             "sidecar_captions": sum(item.caption is not None for item in items)},
+                    note=f"Painted {len(items)} scans of the demo painter `{style.name}` into `{out_dir}`.")
         mlflow.log_image(
             thumbnail_sheet(thumbs, int(settings.thumbnail_long_side)),
             artifact_file="pictures/demo_scans.png",

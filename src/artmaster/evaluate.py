@@ -53,10 +53,10 @@ from scipy.spatial.distance import pdist
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.crop import HELDOUT, TRAIN, split_rows
 from artmaster.files import read_jsonl, staged_dir
-from artmaster.generate import generate_images, torch_threads
+from artmaster.generate import adapter_applied, generate_images
 from artmaster.metrics import FeatureSet, StyleFeatureExtractor, StyleModel, bootstrap_mean, paired_permutation_test
 from artmaster.processes import Processes
-from artmaster.tracking import log_picture, stage_run
+from artmaster.tracking import log_picture, log_summary, stage_run
 from artmaster.train import scaled_size
 
 log = logging.getLogger(__name__)
@@ -285,17 +285,13 @@ def generate_all(cfg: DictConfig, specs: list[ModelSpec], plan: list[tuple[int, 
     results = []
     for spec in specs:
         started = time.perf_counter()
-        if spec.adapter is not None:
-            pipe.load_lora_weights(str(spec.adapter), use_safetensors=True)  # never a pickle
-        try:
+        # model.fuse_lora: folded into the weights, as augment and generate paint (one compiled graph)
+        with adapter_applied(pipe, spec.adapter, fold=bool(cfg.model.get("fuse_lora", False))):
             images = generate_images(
                 pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
                 height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
                 max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
             )
-        finally:
-            if spec.adapter is not None:
-                pipe.unload_lora_weights()
         results.append(Generated(spec, processes.gather(images), time.perf_counter() - started))
         log.info("evaluate: %s painted %d images in %.1f s", spec.name, len(images), results[-1].seconds)
     return results, decoded
@@ -400,6 +396,16 @@ SUMMARY_COLUMNS = {
     "nearest_train": "nearest training crop min / mean",
     "near_copies": "near-copies",
 }
+
+
+def headline(metrics: dict) -> dict:
+    """The few numbers `dvc metrics show` and the MLflow runs table show for an evaluation (data/
+    evaluate/headline.json): `<model>_gain`, the mean paired style_score difference from
+    `compare_to` of each model that carries an adapter, and the `evaluate.pairs` differences
+    (`augmented_vs_adapter`); every other number stays in metrics.json."""
+    gains = {f"{name}_gain": entry["vs_baseline"]["mean_difference"]
+             for name, entry in metrics["models"].items() if "vs_baseline" in entry and entry.get("adapter")}
+    return {**gains, **{name: c["mean_difference"] for name, c in metrics.get("comparisons", {}).items()}}
 
 
 def markdown_table(metrics: dict) -> str:
@@ -567,7 +573,7 @@ def run(cfg: DictConfig) -> dict:
 
     processes = Processes(cfg.model)
     tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model")) if processes.is_main else nullcontext()
-    with tracking, torch_threads(settings.cpu_threads):
+    with tracking:
         # only the main process scores: the others need no crops, and no VAE roundtrip of them
         train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
         results, roundtrip = generate_all(cfg, specs, plan, processes, train_crops[1] if settings.vae_ceiling else [])
@@ -691,24 +697,7 @@ def run(cfg: DictConfig) -> dict:
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
 
             # --- MLflow --------------------------------------------------------------------------
-            logged = {}
-            for name, entry in models.items():
-                logged[f"{name}.style_score"] = entry["style_score"]["value"]
-                logged[f"{name}.kid"] = entry["kid"]["value"]
-                logged[f"{name}.nearest_train_min"] = entry["memorisation"]["min_distance"]
-                logged[f"{name}.near_copies"] = entry["memorisation"]["near_copies"]
-                if entry["diversity"] is not None:
-                    logged[f"{name}.diversity"] = entry["diversity"]
-                if isinstance(entry["adherence"], dict):
-                    logged[f"{name}.clip_score"] = entry["adherence"]["value"]
-                if "vs_baseline" in entry:
-                    logged[f"{name}.vs_baseline"] = entry["vs_baseline"]["mean_difference"]
-                    logged[f"{name}.p_value"] = entry["vs_baseline"]["p_value"]
-            for name, comparison in comparisons.items():
-                logged[f"{name}.difference"] = comparison["mean_difference"]
-                logged[f"{name}.p_value"] = comparison["p_value"]
-            logged["seconds_total"] = metrics["seconds"]["total"]
-            mlflow.log_metrics({k.replace("+", "_"): float(v) for k, v in logged.items()})
+            log_summary(headline(metrics), folder=staging, note=markdown_table(metrics))
             mlflow.set_tag("evaluate.adherence", adherence_backend)
             mlflow.log_table({key: [row[key] for row in rows] for key in columns}, artifact_file="evaluate/scores.json")
             for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):

@@ -223,3 +223,48 @@ def thumbnail_sheet(items: list[tuple[str, Image.Image]], long_side: int, column
         sheet.paste(thumb, (left + (long_side - thumb.width) // 2, top + (long_side - thumb.height) // 2))
         draw.text((left, top + long_side + 2), label, fill="black", font=font)
     return sheet
+
+
+def labelled_grid(rows: list[tuple[str, list[Image.Image]]], column_labels: list[str], title: str = "",
+                  label_width: int = 190) -> Image.Image:
+    """Images in rows, each row's text (e.g. its prompt) wrapped on the left, a label over each
+    column (e.g. its seed) and an optional title: a grid that says what each picture is."""
+    import textwrap
+
+    font = ImageFont.load_default(size=12)
+    cell_w = max(image.width for _, images in rows for image in images)
+    cell_h = max(image.height for _, images in rows for image in images)
+    gap, line_h = 4, 15
+    header_h = line_h * (2 if title else 1) + gap
+    columns = max(len(images) for _, images in rows)
+    width = label_width + columns * (cell_w + gap)
+    grid = Image.new("RGB", (width, header_h + len(rows) * (cell_h + gap)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((4, 2), title, fill="black", font=font)
+    for column, label in enumerate(column_labels):
+        draw.text((label_width + column * (cell_w + gap) + 2, header_h - line_h - 2), label, fill="black", font=font)
+    wrap = max(8, (label_width - 8) // 7)  # about 7 px per character at this font size
+    for row, (text, images) in enumerate(rows):
+        top = header_h + row * (cell_h + gap)
+        for line, words in enumerate(textwrap.wrap(text, wrap)[: max(1, cell_h // line_h)]):
+            draw.text((4, top + 2 + line * line_h), words, fill="black", font=font)
+        for column, image in enumerate(images):
+            grid.paste(image.convert("RGB"), (label_width + column * (cell_w + gap), top))
+    return grid
+
+
+def captioned(image: Image.Image, text: str, min_width: int = 256) -> Image.Image:
+    """The image with `text` wrapped underneath (on a canvas at least `min_width` wide, so a small
+    sample keeps a readable caption): a logged picture that says what it shows."""
+    import textwrap
+
+    font = ImageFont.load_default(size=11)
+    width = max(image.width, min_width)
+    lines = textwrap.wrap(text, max(12, (width - 4) // 6))
+    out = Image.new("RGB", (width, image.height + 13 * len(lines) + 4), "white")
+    out.paste(image.convert("RGB"), ((width - image.width) // 2, 0))
+    draw = ImageDraw.Draw(out)
+    for index, line in enumerate(lines):
+        draw.text((2, image.height + 2 + 13 * index), line, fill="black", font=font)
+    return out

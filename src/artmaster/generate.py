@@ -4,7 +4,8 @@
                        [hydra overrides, e.g. model=flux_dev base.generate.guidance=3.5]
 
 Settings default from `base.generate`. The adapter is a diffusers-format LoRA folder (what the
-train stage writes to data/train/lora/) or a single LoRA .safetensors file (kohya keys load too).
+train stage writes to data/train/lora/) or a single LoRA .safetensors file: diffusers keys, or the
+kohya / ComfyUI file of that folder (converted exactly for any model size).
 `generate_images` is the one generation loop: the base, evaluate and augment stages reuse it.
 """
 
@@ -27,18 +28,6 @@ from artmaster.config import compose
 EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
 
 
-@contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """Run with `count` torch CPU threads (None: leave torch's setting), restored afterwards."""
-    previous = torch.get_num_threads()
-    if count:
-        torch.set_num_threads(int(count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
                    cache: EmbeddingCache | None = None) -> EmbeddingCache:
     """Text embeddings of each distinct prompt, computed once and kept in `cache`.
@@ -46,16 +35,18 @@ def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
     A LoRA on the transformer leaves the text encoders unchanged, so callers that compare the base
     model with adapters on the same prompts can share one cache between them.
     """
+    from artmaster.models import truncation_reported
+
     cache = {} if cache is None else cache
-    for prompt in dict.fromkeys(prompts):
-        key = (prompt, max_sequence_length)
-        if key not in cache:
+    new = [prompt for prompt in dict.fromkeys(prompts) if (prompt, max_sequence_length) not in cache]
+    with truncation_reported(pipe, new, max_sequence_length, "text encoders"):
+        for prompt in new:
             with torch.no_grad():
                 embeds, pooled, _ = pipe.encode_prompt(
                     prompt=prompt, prompt_2=None, device=pipe._execution_device,
                     max_sequence_length=max_sequence_length,
                 )
-            cache[key] = (embeds, pooled)
+            cache[(prompt, max_sequence_length)] = (embeds, pooled)
     return cache
 
 
@@ -63,11 +54,57 @@ def load_adapter(pipe, adapter: str | Path, fuse: bool = False) -> None:
     """Load a LoRA (folder or .safetensors) into the pipeline's transformer; with `fuse` fold it
     into the base weights (W + BA, rounded once to the weights' dtype) and drop the LoRA layers,
     so each denoising step runs the bare model: 418 fewer LoRA branches per step at FLUX.1-dev
-    size. A fused adapter cannot be switched off again without reloading the pipeline."""
-    pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
+    size. A fused adapter cannot be switched off again without reloading the pipeline.
+
+    A kohya / ComfyUI file (`lora_unet_*` keys) goes through our exact converter, which takes the
+    layer widths from this model (diffusers' own converter assumes FLUX.1-dev's)."""
+    from artmaster.adalora import diffusers_state_dict, is_kohya_file, read_kohya
+    from artmaster.models import quiet_loggers
+
+    # our LoRAs adapt the transformer only: diffusers' "No LoRA keys associated to CLIPTextModel" is noise
+    with quiet_loggers("diffusers.loaders.lora_base"):
+        if is_kohya_file(adapter):
+            widths = {name: module.out_features for name, module in pipe.transformer.named_modules()
+                      if isinstance(module, torch.nn.Linear)}
+            # read by safetensors (read_kohya), handed over as tensors
+            pipe.load_lora_weights(diffusers_state_dict(read_kohya(adapter, widths)), use_safetensors=True)
+        else:
+            pipe.load_lora_weights(str(adapter), use_safetensors=True)  # safetensors only: never a pickle
     if fuse:
         pipe.fuse_lora()
         pipe.unload_lora_weights()  # keeps the fused weights, removes the peft layers
+
+
+@contextmanager
+def adapter_applied(pipe, adapter: str | Path | None, fold: bool = False) -> Iterator[None]:
+    """Inside the `with`, the pipeline's transformer with `adapter` (a diffusers LoRA folder; None:
+    the base model); after it, the base model exactly as before. Loaded as LoRA layers, or with
+    `fold` folded into the weights as `load_adapter(fuse=True)` does (the adapted layers' exact
+    weights are kept on the CPU and put back): one pass of the bare model per step, and compiled
+    blocks keep one graph (unfolded, each module's own rank is a new shape for torch.compile)."""
+    if adapter is None:
+        yield
+        return
+    load_adapter(pipe, adapter)
+    if not fold:
+        try:
+            yield
+        finally:
+            pipe.unload_lora_weights()
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    originals = {name: module.get_base_layer().weight.detach().to("cpu", copy=True)
+                 for name, module in pipe.transformer.named_modules() if isinstance(module, BaseTunerLayer)}
+    try:
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # keeps the fused weights, removes the LoRA layers
+        yield
+    finally:
+        pipe.unload_lora_weights()  # a no-op unless fusing failed half-way
+        with torch.no_grad():
+            for name, weight in originals.items():
+                pipe.transformer.get_submodule(name).weight.copy_(weight)
 
 
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,

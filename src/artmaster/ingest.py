@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from artmaster.config import ConfigError, hydra_entry, stage_dir
 from artmaster.files import staged_dir, thumbnail_sheet, write_jsonl
-from artmaster.tracking import stage_run
+from artmaster.tracking import log_summary, stage_run
 
 SRGB = ImageCms.createProfile("sRGB")
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N"}
@@ -590,7 +590,8 @@ def run(cfg: DictConfig) -> dict:
             json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         counts = {key: summary[key] for key in ("read", "accepted", "rejected", "duplicates")}
-        mlflow.log_metrics(counts | {f"rejected.{code}": n for code, n in summary["reasons"].items()})
+        log_summary(counts, details={f"rejected: {code}": n for code, n in summary["reasons"].items()},
+                    note=summary["line"])
         sheet = thumbnail_sheet(thumbs, int(settings.thumbnail_long_side))
         mlflow.log_image(sheet, artifact_file="pictures/ingest_accepted.png")
         mlflow.log_artifact(str(staging / "manifest.jsonl"))

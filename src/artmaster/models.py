@@ -11,16 +11,21 @@ CLIPTextModel, T5EncoderModel, FluxPipeline); only sizes and the origin of the w
 
 from __future__ import annotations
 
+import logging
 import string
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
 from artmaster.config import ConfigError
+
+log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -102,6 +107,42 @@ def build_random_pipeline(model_cfg: DictConfig, with_text_encoders: bool = True
     )
 
 
+@contextmanager
+def quiet_loggers(*names: str) -> Iterator[None]:
+    """Only errors from these loggers inside the block (library notices a stage reports itself)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+@contextmanager
+def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_length: int, stage: str,
+                        report: bool = True) -> Iterator[None]:
+    """Encode inside this block: one line says how many of `texts` the T5 encoder cuts at
+    `max_sequence_length` tokens (and CLIP at its 77, which only gives the pooled vector, as in
+    FLUX.1-dev), instead of diffusers' warning for every prompt it truncates and the tokenizer's
+    about "indexing errors" that the pipeline's truncation avoids."""
+    with quiet_loggers("diffusers.pipelines.flux.pipeline_flux", "transformers.tokenization_utils_base"):
+        texts = list(dict.fromkeys(texts))
+        t5 = [len(ids) for ids in pipe.tokenizer_2(texts, truncation=False).input_ids] if texts and pipe.tokenizer_2 else []
+        clip = [len(ids) for ids in pipe.tokenizer(texts, truncation=False).input_ids] if texts and pipe.tokenizer else []
+        cut = sum(n > max_sequence_length for n in t5)
+        if cut and report:
+            log.warning(
+                "%s: %d of %d distinct captions/prompts are longer than model.max_sequence_length=%d T5 tokens "
+                "(median %d, longest %d) and are cut there; CLIP reads the first %d tokens of %d of them. Raise "
+                "model.max_sequence_length or shorten the captions to keep every word.",
+                stage, cut, len(texts), max_sequence_length, sorted(t5)[len(t5) // 2], max(t5),
+                pipe.tokenizer.model_max_length, sum(n > pipe.tokenizer.model_max_length for n in clip))
+        yield
+
+
 def flow_match_scheduler() -> FlowMatchEulerDiscreteScheduler:
     """FLUX.1-dev's scheduler settings (resolution-dependent shift)."""
     return FlowMatchEulerDiscreteScheduler(
@@ -173,23 +214,66 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
 def compile_blocks(transformer: torch.nn.Module, **options) -> int:
     """Regional compilation: `torch.compile` each repeated transformer block in place, never the
     whole model. Blocks of one class share their compiled code (19 double + 38 single blocks at
-    FLUX.1-dev size compile two graphs, not 57), and layers injected later (peft LoRA/AdaLoRA)
-    are traced into it on the first call. Compilation is lazy: nothing happens until a forward.
-    Returns the number of blocks compiled."""
-    blocks = [m for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    FLUX.1-dev size compile two graphs per input shape, not 57), and layers injected later (peft
+    LoRA/AdaLoRA) are traced into it on the first call. Compilation is lazy: nothing happens until
+    a forward. Returns the number of blocks compiled.
+
+    A single block returns views of its joint output, so the first single block would see
+    contiguous inputs (the last double block's outputs) and every later one views with the joint
+    sequence's strides: two graphs where one does. The last double block's outputs are therefore
+    handed on as views of one joint tensor too (one concatenation per forward)."""
+    blocks = transformer_blocks(transformer)
+    doubles = [block for block in blocks if type(block).__name__ == "FluxTransformerBlock"]
+    if doubles and not hasattr(doubles[-1], "_joint_views"):
+        doubles[-1]._joint_views = doubles[-1].register_forward_hook(_joint_views)
     for block in blocks:
         block.compile(**options)
     return len(blocks)
 
 
+@torch.compiler.disable  # runs between the compiled blocks, not as a graph of its own
+def _joint_views(module, args, output):
+    """(text, image) -> the same values as views of one (B, text + image, d) tensor, strided as
+    every single block's outputs are."""
+    text, image = output
+    joint = torch.cat([text, image], dim=1)
+    return joint[:, : text.shape[1]], joint[:, text.shape[1] :]
+
+
 def uncompile_blocks(transformer: torch.nn.Module) -> None:
     """Undo `compile_blocks`: the blocks run eagerly again (compiled code stays cached)."""
-    for module in transformer.modules():
-        if type(module).__name__ in BLOCK_CLASSES:
-            module._compiled_call_impl = None
+    for block in transformer_blocks(transformer):
+        block._compiled_call_impl = None
+        if hasattr(block, "_joint_views"):
+            block._joint_views.remove()
+            del block._joint_views
 
 
 BLOCK_CLASSES = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
+
+
+def transformer_blocks(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks, in the order the forward calls them."""
+    return [module for module in transformer.modules() if type(module).__name__ in BLOCK_CLASSES]
+
+
+def enable_checkpointing(transformer, fraction: float = 1.0) -> int:
+    """Non-reentrant activation checkpointing (AdaLoRA needs every gradient) of `fraction` of the
+    blocks, evenly spaced in call order: 1.0 is diffusers' own (every block); less keeps the other
+    blocks' activations, trading memory for the recomputed forwards. Returns the blocks checkpointed."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"train.gradient_checkpointing_fraction={fraction}: expected a fraction in (0, 1]")
+    blocks = transformer_blocks(transformer)
+    count = max(1, round(fraction * len(blocks)))
+    chosen = {id(blocks[i * len(blocks) // count]) for i in range(count)}
+
+    def checkpoint_chosen(block, *args):
+        if id(block) in chosen:
+            return torch.utils.checkpoint.checkpoint(block.__call__, *args, use_reentrant=False)
+        return block(*args)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=checkpoint_chosen)
+    return count
 
 
 @contextmanager
@@ -198,7 +282,7 @@ def eager_blocks(transformer: torch.nn.Module):
     recompile). Blocks compiled with CUDA graphs (mode reduce-overhead) train fine, but inference
     through them fails: the blocks share one graph, so the next block's replay overwrites the
     output the residual still reads."""
-    saved = [(m, m._compiled_call_impl) for m in transformer.modules() if type(m).__name__ in BLOCK_CLASSES]
+    saved = [(m, m._compiled_call_impl) for m in transformer_blocks(transformer)]
     for module, _ in saved:
         module._compiled_call_impl = None
     try:

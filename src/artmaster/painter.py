@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageChops, ImageDraw
@@ -599,3 +599,42 @@ def generic_corpus(
     for index in range(count):
         name = names[index % len(names)]
         yield name, paint(STYLES[name], width, height, seed * 100_003 + index)
+
+
+# --- synthetic painters for validating style metrics -----------------------------------------------
+
+PALETTE_FIELDS = ("paper", "sky", "ink", "mountain_tints", "highlight", "mist", "tree_colours", "seal", "mount")
+
+
+def palette_variants(painter: str = DEMO_STYLE) -> dict[str, PainterStyle]:
+    """Every other style painted in `painter`'s palette: same colours, other brushwork and
+    composition. A style metric must tell these from the painter by how they are painted."""
+    palette = {name: getattr(STYLES[painter], name) for name in PALETTE_FIELDS}
+    return {f"{name}_in_{painter}_palette": replace(style, name=f"{name}_in_{painter}_palette", **palette)
+            for name, style in STYLES.items() if name != painter}
+
+
+def rotate_hue(image: Image.Image, steps: int) -> Image.Image:
+    """`image` with every hue turned by `steps` of 256 (HSV): the same painting in other colours."""
+    hsv = np.asarray(image.convert("HSV")).copy()
+    hsv[..., 0] = (hsv[..., 0].astype(np.int64) + steps) % 256
+    return Image.fromarray(hsv, "HSV").convert("RGB")
+
+
+def painting_crops(style: PainterStyle, paintings: int, seed: int, crop: int = 128, long_side: int = 768,
+                   per_painting: int = 3) -> Iterator[tuple[int, Image.Image]]:
+    """`per_painting` square crops (crop x crop px) of each of `paintings` paintings, as
+    (painting index, image): windows of 60-100% of the painting's short side at random places,
+    downsampled as the demo's crops are for training, so strokes and dots are as fine."""
+    rng = np.random.default_rng([seed, zlib.crc32(style.name.encode())])
+    for index in range(paintings):
+        portrait = rng.random() < style.portrait_share
+        short = long_side * 2 // 3
+        width, height = (short, long_side) if portrait else (long_side, short)
+        painting = paint(style, width, height, seed * 1_000 + index)
+        for _ in range(per_painting):
+            side = int(short * rng.uniform(0.6, 1.0))
+            left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+            yield index, painting.resize((crop, crop), Image.Resampling.LANCZOS,
+                                          box=(left, top, left + side, top + side))
+

@@ -40,11 +40,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
+from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
+from artmaster.replicates import Replicate
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
-from artmaster.tracking import stage_run
-from artmaster.train import (RESUME_NEUTRAL_KEYS, Example, TrainSetup, make_accelerator, model_card, scaled_size,
+from artmaster.tracking import child_run, log_summary, stage_run
+from artmaster.train import (Example, TrainSetup, make_accelerator, model_card, resume_identity, scaled_size,
                              train)
+from artmaster.train import headline as train_headline
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,17 @@ def recipe_config(cfg: DictConfig) -> DictConfig:
     return OmegaConf.merge(cfg, {"train": recipe})
 
 
-def round_dir(cfg: DictConfig, r: int) -> Path:
-    return stage_dir(cfg, "retrain") / f"round_{r}"
+def round_dir(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
+    return replicate.folder(stage_dir(cfg, "retrain") / f"round_{r}")
 
 
-def previous_dir(cfg: DictConfig, r: int) -> Path:
+def augment_dir(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
+    return replicate.folder(stage_dir(cfg, "augment") / f"round_{r}")
+
+
+def previous_dir(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
     """The folder round r starts from: data/train, or data/retrain/round_<r-1> (`augment.plan`)."""
-    return Path(str(round_entry(cfg, r)["previous"]))
+    return replicate.folder(Path(str(round_entry(cfg, r)["previous"])))
 
 
 def _check(cfg: DictConfig) -> None:
@@ -131,24 +138,23 @@ def _folder_files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file() and path.suffix in (".safetensors", ".json")]
 
 
-def start_folder(cfg: DictConfig, r: int) -> Path:
+def start_folder(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
     """What the round starts from: the peft AdaLoRA folder (continue) or the plain LoRA (differential)."""
-    return previous_dir(cfg, r) / ("adapter" if cfg.retrain.mode == "continue" else "lora")
+    return previous_dir(cfg, r, replicate) / ("adapter" if cfg.retrain.mode == "continue" else "lora")
 
 
-def round_fingerprint(cfg: DictConfig, r: int, pairs: list[dict]) -> str:
+def round_fingerprint(cfg: DictConfig, r: int, pairs: list[dict], replicate: Replicate) -> str:
     """Everything a finished round depends on: mode, recipe, model, seed, the adapter it starts
     from, the accepted images and their prompts, the crops and captions."""
     recipe = OmegaConf.to_container(recipe_config(cfg).train, resolve=True)
-    augment_dir = stage_dir(cfg, "augment") / f"round_{r}"
-    images = [augment_dir / row["files"][key] for row in pairs for key in ("original", "accepted")]
+    images = [augment_dir(cfg, r, replicate) / row["files"][key] for row in pairs for key in ("original", "accepted")]
     return params_hash({
         "mode": str(cfg.retrain.mode),
         "refined_repeats": int(cfg.retrain.refined_repeats),
-        "train": {k: v for k, v in recipe.items() if k not in RESUME_NEUTRAL_KEYS},
+        "train": resume_identity(recipe),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
-        "start": _digest(_folder_files(start_folder(cfg, r)), start_folder(cfg, r)),
+        "start": _digest(_folder_files(start_folder(cfg, r, replicate)), start_folder(cfg, r, replicate)),
         "pairs": [(row["sample_id"], row["prompt"]) for row in pairs],
         "images": _digest(images),
         "data": _digest([stage_dir(cfg, "crop") / "crops.jsonl", stage_dir(cfg, "caption") / "captions.jsonl"]),
@@ -203,7 +209,7 @@ def _copy_folder(source: Path, target: Path) -> None:
 
 def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
-    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}")
                 if accelerator.is_main_process else nullcontext())
     with tracking:
         if accelerator.is_main_process:
@@ -227,19 +233,20 @@ def _note(cfg: DictConfig, r: int, start: Path, pairs: int, crops: bool) -> str:
             "exactly into this one LoRA.")
 
 
-def retrain_round(cfg: DictConfig, accelerator, r: int) -> dict:
-    """Round r: skip when done with the same inputs, else (re)do it; returns its summary."""
+def retrain_round(cfg: DictConfig, accelerator, r: int, replicate: Replicate) -> dict:
+    """Round r of one replicate (`cfg` is its config): skip when done with the same inputs, else
+    (re)do it; returns its summary."""
     settings = cfg.retrain
     mode = str(settings.mode)
     is_main = accelerator.is_main_process
-    augment_dir = stage_dir(cfg, "augment") / f"round_{r}"
-    out = round_dir(cfg, r)
-    start = start_folder(cfg, r)
+    pairs_dir = augment_dir(cfg, r, replicate)
+    out = round_dir(cfg, r, replicate)
+    start = start_folder(cfg, r, replicate)
     if not start.is_dir():
         hint = "`artmaster train`" if r == 0 else f"`artmaster retrain retrain.round={r - 1}`"
         raise FileNotFoundError(f"{start}: retrain round {r} ({mode}) starts from this folder; run {hint} first")
-    pairs = accepted_pairs(augment_dir, r)
-    fingerprint = round_fingerprint(cfg, r, pairs)
+    pairs = accepted_pairs(pairs_dir, r)
+    fingerprint = round_fingerprint(cfg, r, pairs, replicate)
     done = _finished(out / "metrics.json", fingerprint)
     if done is not None and (out / "lora").is_dir():
         log.info("retrain round %d: already done with the same inputs; kept %s", r, out)
@@ -252,26 +259,26 @@ def retrain_round(cfg: DictConfig, accelerator, r: int) -> dict:
     repeats = int(settings.refined_repeats)
     summary = {"round": r, "mode": mode, "accepted_used": len(pairs), "refined_repeats": repeats,
                "start": str(start), "skipped": 0}
-    previous = previous_dir(cfg, r)
+    previous = previous_dir(cfg, r, replicate)
     if not pairs:
         log.warning("retrain round %d: augment kept no refined image in %s; the round is skipped and its adapter "
-                    "is %s unchanged", r, augment_dir, previous)
+                    "is %s unchanged", r, pairs_dir, previous)
         if is_main:
             _copy_folder(previous / "lora", out / "lora")
             if mode == "continue":
                 _copy_folder(previous / "adapter", out / "adapter")
         summary.update(skipped=1, kept_run=None)
     elif mode == "continue":
-        setup = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "refined"), extra_repeats=repeats,
+        setup = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "refined"), extra_repeats=repeats,
                            init_adapter=start, note=_note(cfg, r, start, len(pairs), crops=True))
         metrics = _phase(recipe, accelerator, out, setup, r, "continue")
         summary.update(_loop_summary(metrics), kept_run=".")
     else:
-        originals = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "original"), extra_repeats=repeats,
+        originals = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "original"), extra_repeats=repeats,
                                train_crops=False, fuse=(start,),
                                note=f"Differential round {r}, adapter 1: fitted on the original images (dropped).")
         first = _phase(recipe, accelerator, out / "originals", originals, r, "originals")
-        refined = TrainSetup(extra=pair_examples(pairs, augment_dir, r, "refined"), extra_repeats=repeats,
+        refined = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "refined"), extra_repeats=repeats,
                              train_crops=False, fuse=(start, out / "originals" / "lora"),
                              note=f"Differential round {r}, adapter 2 (kept): fitted on the refined images on top "
                                   f"of `{start}` and adapter 1, both fused into the base; use it together with "
@@ -286,6 +293,13 @@ def retrain_round(cfg: DictConfig, accelerator, r: int) -> dict:
     summary["fingerprint"] = fingerprint
     write_atomic(out / "metrics.json", json.dumps(summary, indent=2))
     return summary
+
+
+def headline(metrics: dict) -> dict:
+    """A retrain round's (or the published result's) headline: the training loop's, plus how many
+    refined images it learned from."""
+    images = metrics.get("accepted_used_total", metrics.get("accepted_used"))
+    return {**train_headline(metrics), **({"refined_images": images} if images is not None else {})}
 
 
 def _loop_summary(metrics: dict) -> dict:
@@ -319,25 +333,38 @@ def _write_sum(cfg: DictConfig, first: Path, second: Path, target: Path, summary
 
 
 def publish(cfg: DictConfig) -> dict:
-    """data/retrain/lora, metrics.json and loss.csv from the last round, once every round is done
-    with its current inputs."""
+    """data/retrain/lora, metrics.json and loss.csv from the last round (and the same for every
+    further replicate under data/retrain/replicates/), once every round is done with its current
+    inputs."""
+    metrics = {}
+    for replicate, replicate_cfg in replicates.each(cfg):
+        published = publish_replicate(replicate_cfg, replicate)
+        if replicate.is_product:
+            metrics = published
+        else:
+            metrics.setdefault("replicates", {})[replicate.label] = {
+                key: published[key] for key in ("accepted_used_total", "loss") if key in published}
+    return metrics
+
+
+def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
     rounds = int(cfg.augment.rounds)
     per_round = {}
     for r in range(rounds):
-        path = round_dir(cfg, r) / "metrics.json"
+        path = round_dir(cfg, r, replicate) / "metrics.json"
         stale_graph = ("; under DVC, params.yaml was stale when dvc read dvc.yaml (augment.rounds changed): "
                        "run `dvc repro` again")
         if not path.is_file():
             raise FileNotFoundError(f"{path}: retrain round {r} of {rounds} has no result (run `artmaster retrain "
                                     f"retrain.round={r}`{stale_graph})")
         summary = json.loads(path.read_text(encoding="utf-8"))
-        pairs = accepted_pairs(stage_dir(cfg, "augment") / f"round_{r}", r)
-        if summary.get("fingerprint") != round_fingerprint(cfg, r, pairs):
+        pairs = accepted_pairs(augment_dir(cfg, r, replicate), r)
+        if summary.get("fingerprint") != round_fingerprint(cfg, r, pairs, replicate):
             raise ValueError(f"{path}: retrain round {r} was made from other inputs than the current ones (config, "
                              f"adapter or augment round {r}); re-run `artmaster retrain retrain.round={r}`")
         per_round[f"round_{r}"] = summary
-    final = round_dir(cfg, rounds - 1)
-    target = stage_dir(cfg, "retrain")
+    final = round_dir(cfg, rounds - 1, replicate)
+    target = replicate.folder(stage_dir(cfg, "retrain"))
     _copy_folder(final / "lora", target / "lora")
     last = per_round[f"round_{rounds - 1}"]
     metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
@@ -350,8 +377,8 @@ def publish(cfg: DictConfig) -> dict:
     loss = final / kept / "loss.csv" if kept else None
     write_atomic(target / "loss.csv", loss.read_text(encoding="utf-8") if loss and loss.is_file() else "step,loss\n")
     write_atomic(target / "metrics.json", json.dumps(metrics, indent=2))
-    print(f"retrain: published round {rounds - 1} of {rounds} ({cfg.retrain.mode}) as {target / 'lora'}; "
-          f"accepted images used: {metrics['accepted_used_total']}"
+    print(f"retrain: published round {rounds - 1} of {rounds} ({cfg.retrain.mode}, {replicate.label}) as "
+          f"{target / 'lora'}; accepted images used: {metrics['accepted_used_total']}"
           + (f", final loss {metrics['loss']:.4f}" if "loss" in metrics else " (round skipped)"))
     return metrics
 
@@ -368,31 +395,46 @@ def run(cfg: DictConfig) -> dict:
     rounds = int(cfg.augment.rounds)
     publish_mode = str(settings.publish).lower()
     if publish_mode == "only":
-        with stage_run(cfg, "retrain", sections=("retrain", "augment")):
+        with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}"):
             import mlflow
 
             metrics = publish(cfg)
             mlflow.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
                              "artmaster.round": str(rounds - 1)})
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+            log_summary(headline(metrics), details=metrics, folder=stage_dir(cfg, "retrain"),
+                        note=f"Published round {rounds - 1} of {rounds} ({settings.mode}) as "
+                             f"`{stage_dir(cfg, 'retrain') / 'lora'}`, the augmented adapter evaluate reads.")
             mlflow.log_artifacts(str(stage_dir(cfg, "retrain") / "lora"), artifact_path="lora")
         return metrics
     accelerator = make_accelerator(recipe_config(cfg))
     is_main = accelerator.is_main_process
-    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"))
+    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}")
                 if is_main else nullcontext())
     with tracking:
-        summary = retrain_round(cfg, accelerator, r)
         if is_main:
             import mlflow
 
             mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
                              "artmaster.retrain_phase": "round"})
-            mlflow.log_metrics({k: float(v) for k, v in summary.items() if isinstance(v, (int, float))})
-            mlflow.log_artifacts(str(round_dir(cfg, r) / "lora"), artifact_path="lora")
-            mlflow.log_artifact(str(round_dir(cfg, r) / "metrics.json"))
-            if publish_mode == "auto" and r == rounds - 1:
-                summary = {**summary, "published": publish(cfg)}
+        summary = {}
+        for replicate, replicate_cfg in replicates.each(cfg):
+            child = child_run(cfg, "retrain", replicate.label) if is_main and not replicate.is_product else nullcontext()
+            with child:
+                result = retrain_round(replicate_cfg, accelerator, r, replicate)
+                if is_main:
+                    folder = round_dir(cfg, r, replicate)
+                    log_summary(headline(result), details=result, folder=folder,
+                                note=f"ArtAug round {r} ({settings.mode}, {replicate.label}): {result['accepted_used']} "
+                                     "accepted refined image(s) from augment; the nested run holds the training loop.")
+                    mlflow.log_artifacts(str(folder / "lora"), artifact_path="lora")
+                    mlflow.log_artifact(str(folder / "metrics.json"))
+            if replicate.is_product:
+                summary = result
+            else:
+                summary.setdefault("replicates", {})[replicate.label] = {
+                    key: result[key] for key in ("accepted_used", "loss", "skipped") if key in result}
+        if is_main and publish_mode == "auto" and r == rounds - 1:
+            summary = {**summary, "published": publish(cfg)}
     return summary
 
 

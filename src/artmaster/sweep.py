@@ -12,35 +12,53 @@ from __future__ import annotations
 
 import csv
 import io
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from artmaster.tracking import SWEEP_KEYS_ENV, describe
+
 
 class SweepTracking(Callback):
     def __init__(self) -> None:
         self.parent_run_id: str | None = None
         self.sweep_dir: Path | None = None
+        self.description = ""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.tracking.get("enabled", True):  # tracking.enabled=false: no parent run either
+            return
         import mlflow
 
         from artmaster.tracking import connect, experiment_id_for
 
-        if not config.tracking.get("enabled", True):  # tracking.enabled=false: no parent run either
-            return
         connect(config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
-        overrides = " ".join(config.hydra.overrides.task)
+        task = list(config.hydra.overrides.task)
+        overrides = " ".join(task)
+        stage = self.stage_name(config)
         run = mlflow.start_run(
-            run_name=f"sweep {config.hydra.job.name}: {overrides}"[:250],
+            run_name=f"sweep {stage} ({sweep_points(task)} points)",
             experiment_id=experiment_id_for(mlflow, config),
         )
         mlflow.set_tags({"artmaster.sweep": "parent", "sweep_dir": str(self.sweep_dir),
                          "hydra_overrides": overrides[:5000]})
+        os.environ[SWEEP_KEYS_ENV] = ",".join(swept_keys(task))  # the jobs' runs are named by these
+        self.description = (f"Hydra sweep: `artmaster {stage} -m {overrides}`"[:1000]
+                            + f"\n\nOne child run per point, named by its overrides; outputs in `{self.sweep_dir}`.")
+        describe(self.description)
         self.parent_run_id = run.info.run_id
+
+    @staticmethod
+    def stage_name(config: DictConfig) -> str:
+        """`train` for `artmaster train -m ...` (argv[0] "artmaster train", as the cli sets it) and
+        for `python -m artmaster.train -m ...` (argv[0] .../artmaster/train.py). Hydra's job name
+        would say "config", the file of the shared entry point."""
+        return Path(sys.argv[0].split()[-1]).stem if sys.argv and sys.argv[0] else str(config.hydra.job.name)
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         if self.parent_run_id is not None:
@@ -53,9 +71,12 @@ class SweepTracking(Callback):
             return
         rows = self.write_summary()
         mlflow.log_metric("sweep_points", len(rows))
+        _, markdown = render_summary([{k: v for k, v in row.items() if k != "run_id"} for row in rows])
+        describe(f"{self.description}\n\n**Points**\n\n{markdown}")
         mlflow.end_run()
         print(f"sweep: {len(rows)} point(s); summary in {self.sweep_dir / 'summary.md'}")
         self.parent_run_id = None
+        os.environ.pop(SWEEP_KEYS_ENV, None)
 
     def write_summary(self) -> list[dict]:
         import mlflow
@@ -77,15 +98,33 @@ class SweepTracking(Callback):
         return rows
 
 
+def swept_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep varies: `train.optim.lr` of `train.optim.lr=1e-4,2e-4`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return [o.key_or_group for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()]
+
+
+def sweep_points(overrides: list[str]) -> int:
+    """How many jobs a basic sweep over these overrides runs (the product of the sweep lists)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    points = 1
+    for override in OverridesParser.create().parse_overrides(overrides):
+        if override.is_sweep_override():
+            points *= len(list(override.sweep_string_iterator()))
+    return points
+
+
 def summary_rows(children: list) -> list[dict]:
-    """One row per child run: the parameters that vary across children, then its final metrics
-    (`final_*` metrics when the stage logs them, else every metric's latest value)."""
+    """One row per child run: the parameters that vary across children, then its headline metrics
+    (`result/*`, what the stage's `log_summary` logged, else every metric's latest value)."""
     params = [run.data.params for run in children]
     varying = sorted({k for p in params for k in p if len({q.get(k) for q in params}) > 1})
     rows = []
     for run, run_params in zip(children, params):
         metrics = run.data.metrics
-        final = {k: v for k, v in metrics.items() if k.startswith("final_")} or metrics
+        final = {k: v for k, v in metrics.items() if k.startswith("result/")} or metrics
         rows.append({
             "run": run.info.run_name,
             "status": run.info.status,

@@ -6,10 +6,12 @@ so ``mlflow ui`` run from the repo root shows every stage, sweep and experiment.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
 import sys
+import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -54,6 +56,20 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
+# MLflow 3's UI opens a "custom model development" experiment on its runs table (training runs,
+# charts, artifacts); an experiment without this tag opens in the GenAI view (traces, evaluations).
+EXPERIMENT_TAGS = {
+    "mlflow.experimentKind": "custom_model_development",
+    "mlflow.note.content": (
+        "ArtMaster: one run per pipeline stage (`dvc repro`, or `artmaster <stage>` by hand), named by what "
+        "distinguishes it (`train r=8 lr=1e-2`, `retrain round 0`); sweeps (`artmaster train -m ...`) are a "
+        "parent run `sweep train (N points)` with one child per point. Each run's description says what the "
+        "stage did and lists its summary numbers; its headline numbers are the `result/*` metrics, the same "
+        "ones `dvc metrics show` prints."
+    ),
+}
+
+
 def experiment_id_for(mlflow, cfg: DictConfig) -> str:
     """The experiment's id, created with its artifacts in `tracking.artifact_dir` of this workspace.
     An experiment of a SQLite store whose artifacts lie elsewhere on disk (the workspace was moved
@@ -63,7 +79,10 @@ def experiment_id_for(mlflow, cfg: DictConfig) -> str:
     artifacts = (store_root() / cfg.tracking.artifact_dir).resolve().as_uri()
     found = mlflow.get_experiment_by_name(name)
     if found is None:
-        return mlflow.create_experiment(name, artifact_location=artifacts)
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+    missing = {k: v for k, v in EXPERIMENT_TAGS.items() if found.tags.get(k) != v}
+    for key, value in missing.items():  # a store made before these tags existed
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
     uri = tracking_uri(cfg)
     stored = str(found.artifact_location)
     if stored != artifacts and stored.startswith("file:") and uri.startswith("sqlite:///"):
@@ -81,6 +100,117 @@ def _sqlite_file(uri: str) -> Path:
     from urllib.parse import unquote
 
     return Path(unquote(uri[len("sqlite:///"):].split("?")[0]))
+
+
+# --- what a run is called and says --------------------------------------------------------------
+
+
+# set by the sweep callback (artmaster.sweep) for its jobs: the keys the sweep varies
+SWEEP_KEYS_ENV = "ARTMASTER_SWEEP_KEYS"
+
+
+def sweep_job_overrides() -> list[str]:
+    """This Hydra multirun job's values of the keys its sweep varies (`train.optim.lr=1e-4` ...;
+    every override of the job when the swept keys are unknown), [] outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return []
+    swept = [key for key in os.environ.get(SWEEP_KEYS_ENV, "").split(",") if key]
+    overrides = [str(o) for o in HydraConfig.get().overrides.task if not o.startswith(("hydra.", "hydra/"))]
+    chosen = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in swept]
+    return chosen or overrides
+
+
+def short_overrides(overrides: list[str]) -> str:
+    """`train.adalora.target_r=4 train.optim.lr=1e-4` -> `target_r=4 lr=1e-4` (full keys where the
+    last parts would clash)."""
+    pairs = [o.split("=", 1) if "=" in o else (o, "") for o in overrides]
+    last = [key.rsplit(".", 1)[-1].rsplit("/", 1)[-1] for key, _ in pairs]
+    return " ".join(f"{short if last.count(short) == 1 else key}={value}"
+                    for (key, value), short in zip(pairs, last))
+
+
+def _command(stage: str) -> str:
+    """The command line that reproduces this run: `artmaster <stage> <Hydra overrides>`."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+    return " ".join(["artmaster", stage.replace("_", "-"), *overrides])[:500]
+
+
+def run_name(stage: str, label: str = "") -> str:
+    """`<stage> <what distinguishes this run>`: a sweep job's own overrides, else `label`."""
+    overrides = sweep_job_overrides()
+    return f"{stage} {short_overrides(overrides) if overrides else label}".strip()
+
+
+def _stage_summary(stage: str) -> str:
+    """The first sentence of the stage module's docstring ("" for names that are not a stage)."""
+    import importlib
+    import importlib.util
+
+    name = f"artmaster.{stage}"
+    if importlib.util.find_spec(name) is None:
+        return ""
+    doc = (importlib.import_module(name).__doc__ or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
+
+
+def describe(text: str) -> None:
+    """The active run's description (MLflow shows it, as Markdown, above the run's details)."""
+    import mlflow
+
+    mlflow.set_tag("mlflow.note.content", text[:5000])
+
+
+def _value_text(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown_table(values: Mapping, header: tuple[str, str] = ("", "value")) -> str:
+    lines = [f"| {header[0]} | {header[1]} |", "|---|---|"]
+    lines += [f"| {key} | {_value_text(value)} |" for key, value in values.items()]
+    return "\n".join(lines)
+
+
+def headline_values(values: Mapping) -> dict:
+    """Numbers rounded to 4 significant digits: what a person compares (DVC and MLflow show them as
+    written, and 345.93266020690254 reads worse than 345.9)."""
+    return {key: float(f"{value:.4g}") if isinstance(value, float) else value for key, value in values.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+HEADLINE_FILE = "headline.json"
+
+
+def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "",
+                folder: Path | None = None) -> dict:
+    """A stage's results, said once in each place a person looks:
+    - `folder/headline.json` (when `folder` is given): the stage's handful of numbers; dvc.yaml
+      declares these files as the pipeline's metrics, so `dvc metrics show` fits a terminal while
+      every other number stays in the stage's own JSON files;
+    - the same numbers as MLflow metrics `result/<name>` (runs-table columns, one small chart section);
+    - the run's description: what the stage did (`note`) and a table of `details` (every summary
+      number), instead of one single-bar chart per number.
+    Returns the rounded headline."""
+    import mlflow
+
+    from artmaster.files import write_atomic
+
+    rounded = headline_values(headline)
+    if folder is not None:
+        write_atomic(Path(folder) / HEADLINE_FILE, json.dumps(rounded, indent=2) + "\n")
+    mlflow.log_metrics({f"result/{key}": float(value) for key, value in rounded.items()})
+    run = mlflow.active_run() if hasattr(mlflow, "active_run") else None  # None: tracking.enabled=false
+    if run is not None:
+        current = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
+        parts = [current.split("\n\n**Results**")[0], "**Results**", note,
+                 markdown_table(rounded, ("headline", "value")) if rounded else "",
+                 markdown_table(headline_values(details), ("summary", "value")) if details else ""]
+        describe("\n\n".join(part for part in parts if part))
+    return rounded
 
 
 def _plain(value):
@@ -193,38 +323,47 @@ _LOGGERS = ("log_metric", "log_metrics", "log_param", "log_params", "log_artifac
 
 
 @contextmanager
-def _untracked(mlflow, stage: str) -> Iterator[None]:
-    """`tracking.enabled=false`: the stage's mlflow.log_* / set_tag(s) calls do nothing."""
+def _untracked(stage: str) -> Iterator[None]:
+    """`tracking.enabled=false`: inside the `with`, `import mlflow` gives a stand-in whose log_* and
+    set_tag(s) do nothing, so the stages' calls record nothing and a machine without mlflow
+    installed (a GPU box) runs every stage; the real module, if it was imported, comes back after."""
     print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
-    saved = {name: getattr(mlflow, name) for name in _LOGGERS if hasattr(mlflow, name)}
-    for name in saved:
-        setattr(mlflow, name, lambda *args, **kwargs: None)
+    stand_in = types.ModuleType("mlflow", "tracking.enabled=false: nothing is recorded")
+    for name in _LOGGERS:
+        setattr(stand_in, name, lambda *args, **kwargs: None)
+    saved = sys.modules.get("mlflow")
+    sys.modules["mlflow"] = stand_in
     try:
         yield
     finally:
-        for name, function in saved.items():
-            setattr(mlflow, name, function)
+        if saved is None:
+            sys.modules.pop("mlflow", None)
+        else:
+            sys.modules["mlflow"] = saved
 
 
 @contextmanager
-def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...]) -> Iterator[object]:
+def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str = "") -> Iterator[object]:
     """Open an MLflow run for one stage, logging the config sections it reads as params.
 
-    Nested under the active run when there is one (a Hydra sweep's parent run). The store is
+    Named `run_name(stage, label)`, described by the stage module's first sentence and its command
+    line (`log_summary` adds the results). Nested under the active run when there is one (a Hydra
+    sweep's parent run, a retrain round). The store is
     checked first: TrackingUnavailable (naming the URI and the fix) before any work when it cannot
     be used. With `tracking.enabled=false` nothing is recorded and the run is None.
     """
-    import mlflow
-
     if not cfg.tracking.get("enabled", True):
-        with _untracked(mlflow, stage):
+        with _untracked(stage):
             yield None
         return
+    import mlflow
+
     uri = tracking_uri(cfg)
     try:
         connect(cfg)
         experiment_id = experiment_id_for(mlflow, cfg)
-        active = mlflow.start_run(run_name=stage, experiment_id=experiment_id, nested=mlflow.active_run() is not None)
+        active = mlflow.start_run(run_name=run_name(stage, label), experiment_id=experiment_id,
+                                  nested=mlflow.active_run() is not None)
     except TrackingUnavailable:
         raise
     except Exception as error:  # MLflow's own errors (server errors, a broken store) at the start
@@ -241,14 +380,52 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...]) -> Iterato
                 "dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""),
             }
         )
-        params = flatten(read)
+        describe(f"{_stage_summary(stage)}\n\n`{_command(stage)}`".strip())
+        mlflow.log_dict(read, "config.yaml")  # every setting the stage read, as composed
+        params = run_params(read, _overridden_keys())
         items = list(params.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))
         yield run
 
 
+# Settings that describe the model's shape or fixed lists rather than a run's recipe: kept in the
+# run's config.yaml, not as params. MLflow prints every param of a run on each of its image cards
+# (and offers each as a runs-table column), so 100+ params push the pictures out of sight.
+QUIET_PARAMS = ("model.architecture.", "train.samples.", "train.checkpoint.", "train.validation.", "train.export.",
+                "train.resume", "train.log_every", "augment.prompts", "evaluate.prompts", "evaluate.models",
+                "caption.template.", "crop.border.", "crop.ink.", "crop.score.", "evaluate.metrics.")
+
+
+def run_params(read: Mapping, overridden: set[str] = frozenset()) -> dict[str, str]:
+    """The params a stage run logs: its config sections flattened, less QUIET_PARAMS unless an
+    override set them (a sweep's keys always show)."""
+    return {key: value for key, value in flatten(read).items()
+            if key in overridden or not key.startswith(QUIET_PARAMS)}
+
+
+def _overridden_keys() -> set[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
+    return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
+
+
 def log_picture(path: Path, artifact_dir: str = "pictures") -> None:
     import mlflow
 
     mlflow.log_artifact(str(path), artifact_path=artifact_dir)
+
+
+@contextmanager
+def child_run(cfg: DictConfig, stage: str, label: str) -> Iterator[None]:
+    """A run "<stage> <label>" nested under the stage's open run (one per training replicate), so
+    each keeps its own loss curve; nothing when tracking is off."""
+    if not cfg.tracking.get("enabled", True):
+        yield
+        return
+    import mlflow
+
+    with mlflow.start_run(run_name=f"{stage} {label}", nested=True):
+        mlflow.set_tag("artmaster.stage", stage)
+        yield

@@ -8,7 +8,7 @@ multirun so sweep points never share outputs:
   checkpoints/       step-XXXXXX full resumable checkpoints (last `checkpoint.keep`)
   adapter/           the peft AdaLoRA folder
   lora/              plain LoRA (diffusers + kohya safetensors) with its README.md model card
-  ranks.json, ranks.png, samples/, metrics.json, loss.csv
+  ranks.json, ranks.png, samples/, metrics.json, headline.json, loss.csv, val_loss.csv
 
 The run, top to bottom: read crops and captions -> encode each once into the cache -> free the
 encoders -> plan aspect-bucketed batches for every epoch -> wrap the transformer with AdaLoRA ->
@@ -29,6 +29,7 @@ import math
 import random
 import re
 import shutil
+import statistics
 import time
 from collections import defaultdict
 from contextlib import contextmanager, nullcontext
@@ -44,18 +45,32 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from artmaster import checkpoints as sealing
-from artmaster import flux_math
+from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
-from artmaster.files import (fsync_dir, read_jsonl, remove_folder, replace_together, sort_safetensors_header,
-                             staged_dir, write_atomic)
-from artmaster.tracking import stage_run
+from artmaster.files import (captioned, fsync_dir, labelled_grid, read_jsonl, remove_folder, replace_together,
+                             sort_safetensors_header, staged_dir, write_atomic)
+from artmaster.tracking import child_run, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step-"
-# train keys that change neither the math nor the data order: a checkpoint stays resumable
-# when only these differ
-RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation", "log_every", "cpu_threads", "cudagraphs")
+# train keys (dotted: inside a group) that change neither the math nor the data: a checkpoint stays
+# resumable when only these differ. validation.num_samples and hold_out are not among them: they
+# decide which crops are trained on, hence the plan and the step count.
+RESUME_NEUTRAL_KEYS = ("checkpoint", "resume", "samples", "validation.every", "validation.sigmas", "log_every",
+                       "cudagraphs")
+
+
+def resume_identity(train_settings: dict) -> dict:
+    """The train settings without RESUME_NEUTRAL_KEYS: what a resumable checkpoint must share."""
+    kept = {key: dict(value) if isinstance(value, dict) else value for key, value in train_settings.items()}
+    for key in RESUME_NEUTRAL_KEYS:
+        group, _, name = key.partition(".")
+        if not name:
+            kept.pop(group, None)
+        elif isinstance(kept.get(group), dict):
+            kept[group].pop(name, None)
+    return kept
 
 
 # --- where outputs go ---------------------------------------------------------------------------
@@ -406,9 +421,12 @@ class FlowSettings:
     resolution_shift: bool
     orth_reg_weight: float
     model_dtype: torch.dtype  # the transformer's input dtype; the flow maths itself runs in fp32
+    # compiled blocks: the transformer's inputs require grad, so the first double block, like every
+    # later one, sees inputs that require grad and all share one graph (costs two tiny input-grad GEMMs)
+    inputs_require_grad: bool = False
 
 
-def flow_settings(cfg: DictConfig, transformer, vae_config) -> FlowSettings:
+def flow_settings(cfg: DictConfig, transformer, vae_config, inputs_require_grad: bool = False) -> FlowSettings:
     flow = cfg.train.flow
     return FlowSettings(
         vae_shift=float(vae_config.shift_factor or 0.0),
@@ -419,6 +437,7 @@ def flow_settings(cfg: DictConfig, transformer, vae_config) -> FlowSettings:
         resolution_shift=bool(flow.resolution_shift),
         orth_reg_weight=float(cfg.train.adalora.orth_reg_weight),
         model_dtype=transformer.dtype,
+        inputs_require_grad=inputs_require_grad,
     )
 
 
@@ -431,9 +450,13 @@ def flow_matching_loss(model, batch: Batch, flow: FlowSettings, generator: torch
     sigmas = flux_math.sample_sigmas(len(tokens), generator=generator, device=tokens.device,
                                      logit_mean=flow.logit_mean, logit_std=flow.logit_std, mu=mu)
     guidance = None if flow.guidance is None else flux_math.guidance_vector(flow.guidance, len(tokens), tokens.device)
+    noisy = flux_math.noisy_latents(tokens, noise, sigmas).to(flow.model_dtype)
+    prompt_embeds = batch.prompt_embeds
+    if flow.inputs_require_grad and torch.is_grad_enabled():
+        noisy, prompt_embeds = noisy.requires_grad_(), prompt_embeds.detach().requires_grad_()
     prediction = flux_math.predict_velocity(
-        model, flux_math.noisy_latents(tokens, noise, sigmas).to(flow.model_dtype), sigmas,
-        prompt_embeds=batch.prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
+        model, noisy, sigmas,
+        prompt_embeds=prompt_embeds, pooled_prompt_embeds=batch.pooled_prompt_embeds,
         image_ids=batch.image_ids, txt_ids=batch.txt_ids, guidance=guidance,
     )
     return F.mse_loss(prediction.float(), flux_math.velocity_target(tokens, noise).float())
@@ -492,6 +515,7 @@ class TrainingState:
     # instead of backpropagating it with the loss: the same gradient without ~1700 autograd nodes
     direct_orthogonal: bool = False
     cudagraphs: bool = False  # blocks compiled with CUDA graphs (train.cudagraphs): mark each new iteration
+    compiled: bool = False  # blocks compiled for training (`compile_for_training`)
 
     @property
     def params(self) -> list[torch.nn.Parameter]:
@@ -499,16 +523,19 @@ class TrainingState:
 
 
 def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: int, accelerator) -> TrainingState:
-    """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA."""
+    """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA;
+    on CUDA the levers of docs/performance.md (LoRA branch, compiled blocks, CUDA graphs)."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
+    from artmaster import lora_branch
     from artmaster.adalora import FastRankAllocator, set_input_casting, wrap_with_adalora
+    from artmaster.models import enable_checkpointing
 
     settings = cfg.train
     transformer.requires_grad_(False)
-    if settings.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()  # non-reentrant: AdaLoRA needs every grad
+    if settings.gradient_checkpointing:  # non-reentrant: AdaLoRA needs every grad
+        enable_checkpointing(transformer, float(settings.get("gradient_checkpointing_fraction", 1.0)))
     set_seed(int(cfg.seed))  # the adapter's initial values come from the global RNG
     adapter = wrap_with_adalora(transformer, settings.adalora, total_step)
     named_params = [(name, param) for name, param in adapter.named_parameters() if param.requires_grad]
@@ -518,11 +545,8 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
         set_input_casting(adapter, False)  # autocast casts to bf16 anyway: skip peft's fp32 input copies
     optim = settings.optim
     on_cuda = all(param.is_cuda for _, param in named_params)
-    cudagraphs = bool(settings.get("cudagraphs", False)) and on_cuda
-    if cudagraphs:  # regional compile with CUDA graphs: no per-kernel launch cost (docs/performance.md)
-        from artmaster.models import compile_blocks
-
-        compile_blocks(transformer, mode="reduce-overhead")
+    lora_branch.configure(adapter, settings.get("lora_branch"), on_cuda)
+    compiled, cudagraphs = compile_for_training(cfg, transformer, on_cuda)
     fused = on_cuda if optim.fused == "auto" else bool(optim.fused)
     optimizer = torch.optim.AdamW(
         [param for _, param in named_params], lr=float(optim.lr), betas=tuple(optim.betas),
@@ -540,11 +564,28 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
     return TrainingState(
         accelerator=accelerator, model=model, adapter=adapter, named_params=named_params,
         optimizer=optimizer, scheduler=scheduler, allocator=allocator,
-        flow=flow_settings(cfg, transformer, vae_config),
+        flow=flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled),
         max_grad_norm=float(max_norm) if max_norm else math.inf, ema=ema,
         direct_orthogonal=_direct_orthogonal(settings.adalora.get("orth_gradient", "autograd"), on_cuda),
-        cudagraphs=cudagraphs,
+        cudagraphs=cudagraphs, compiled=compiled,
     )
+
+
+def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[bool, bool]:
+    """On CUDA, `model.compile` or `train.cudagraphs`: the blocks compiled (regionally) for training,
+    with CUDA graphs (mode reduce-overhead) when `train.cudagraphs`, one static graph per block class
+    and bucket shape. Gradient checkpointing recomputes a block's forward inside the backward, a
+    pattern not run with CUDA-graph replays yet: with it the blocks are compiled without graphs.
+    Returns (compiled, cudagraphs)."""
+    from artmaster.models import compile_blocks
+
+    cudagraphs = bool(cfg.train.get("cudagraphs", False)) and on_cuda and not cfg.train.gradient_checkpointing
+    setting = cfg.model.get("compile", False)
+    compiled = on_cuda and (cudagraphs or setting not in (False, None))
+    if compiled:
+        mode = "reduce-overhead" if cudagraphs else (None if setting is True else str(setting))
+        compile_blocks(transformer, dynamic=False, **({"mode": mode} if mode else {}))
+    return compiled, cudagraphs
 
 
 def _direct_orthogonal(mode: str, on_cuda: bool) -> bool:
@@ -683,13 +724,24 @@ def render_samples(pipe, prompt_encodings, settings: DictConfig, device) -> list
     return images
 
 
-def image_grid(images: list[Image.Image], columns: int) -> Image.Image:
-    width, height = images[0].size
-    rows = math.ceil(len(images) / columns)
-    grid = Image.new("RGB", (columns * width, rows * height), "white")
-    for index, image in enumerate(images):
-        grid.paste(image, ((index % columns) * width, (index // columns) * height))
-    return grid
+def sample_grid(samples: list[tuple[str, int, Image.Image]], step: int) -> Image.Image:
+    """Rows = prompts (their text on the left), columns = seeds, titled with the step."""
+    prompts = list(dict.fromkeys(prompt for prompt, _, _ in samples))
+    seeds = list(dict.fromkeys(seed for _, seed, _ in samples))
+    rows = [(prompt, [image for p, _, image in samples if p == prompt]) for prompt in prompts]
+    return labelled_grid(rows, [f"seed {seed}" for seed in seeds], title=f"samples at step {step}")
+
+
+# MLflow names of the logged rows. MLflow's run page shows one chart section per prefix, sections
+# in alphabetical order: `loss` (train and val only) comes first, then the loss's two terms, the
+# optimizer, AdaLoRA's ranks and `result` (log_summary's headline). loss.csv keeps the plain names.
+METRIC_NAMES = {"loss": "loss/train", "val_loss": "loss/val", "mse": "objective/mse",
+                "orthogonal": "objective/orthogonal", "grad_norm": "optim/grad_norm", "lr": "optim/lr",
+                "rank_budget": "rank/budget", "active_rank": "rank/active"}
+
+
+def mlflow_metrics(row: dict) -> dict[str, float]:
+    return {METRIC_NAMES.get(key, key): value for key, value in row.items() if key != "step"}
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -774,7 +826,10 @@ def find_resume_checkpoint(folder: Path, resume: str, fingerprint: str) -> Path 
         path = Path(resume)
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (expected {path / 'meta.json'})")
-        return sealing.verified(path, resume)
+        if sealing.read_meta(sealing.verified(path, resume)).get("fingerprint") != fingerprint:
+            raise ValueError(f"train.resume={resume}: that checkpoint is of another recipe, data, validation split "
+                             "or schedule than this run; resume=auto starts afresh")
+        return path
     return sealing.newest_intact(list_checkpoints(folder), fingerprint)
 
 
@@ -796,13 +851,17 @@ def load_checkpoint(path: Path, state: TrainingState, rank: int) -> tuple[int, l
     return int(meta["step"]), list(saved["history"])
 
 
-def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int, setup: dict | None = None) -> str:
-    """Identity of a run's math and data order: checkpoints resume only into the same recipe on
-    the same crops, captions and encoders (the cache file names are their content hashes), and,
-    for retrain, the same starting adapter and fused LoRAs (`TrainSetup.identity`)."""
-    train = {k: v for k, v in OmegaConf.to_container(cfg.train, resolve=True).items() if k not in RESUME_NEUTRAL_KEYS}
+def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: int, setup: dict | None = None,
+                    plan: dict | None = None) -> str:
+    """Identity of a run's math, data and schedule: checkpoints resume only into the same recipe
+    on the same crops, captions and encoders (the cache file names are their content hashes), the
+    same trained crops per bucket and step count (`plan`), and, for retrain, the same starting
+    adapter and fused LoRAs (`TrainSetup.identity`)."""
+    train = resume_identity(OmegaConf.to_container(cfg.train, resolve=True))
     model = OmegaConf.to_container(cfg.model, resolve=True)
     identity = {"train": train, "model": model, "seed": cfg.seed, "world_size": world_size, "data": sample_files}
+    if plan is not None:
+        identity["plan"] = plan
     if setup:
         identity["setup"] = setup
     return params_hash(identity)
@@ -812,11 +871,31 @@ def run_fingerprint(cfg: DictConfig, sample_files: dict[str, str], world_size: i
 
 
 def run(cfg: DictConfig) -> dict:
-    """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA."""
+    """Fine-tune an AdaLoRA adapter on the captioned crops; export it as peft and plain LoRA.
+    Each further replicate (`replicates.count`) trains the same recipe with its own seed."""
     accelerator = make_accelerator(cfg)
-    tracking = stage_run(cfg, "train", sections=("train", "model")) if accelerator.is_main_process else nullcontext()
+    is_main = accelerator.is_main_process
+    tracking = (stage_run(cfg, "train", sections=("train", "model", "replicates"), label=recipe_label(cfg))
+                if is_main else nullcontext())
     with tracking:
-        return train(cfg, accelerator, output_dir(cfg))
+        metrics = {}
+        for replicate, replicate_cfg in replicates.each(cfg):
+            child = child_run(cfg, "train", replicate.label) if is_main and not replicate.is_product else nullcontext()
+            with child:
+                result = train(replicate_cfg, accelerator, replicate.folder(output_dir(cfg)))
+            if replicate.is_product:
+                metrics = result
+            elif is_main:
+                metrics.setdefault("replicates", {})[replicate.label] = {
+                    key: result[key] for key in ("loss", "val_loss", "active_rank") if key in result}
+        return metrics
+
+
+def recipe_label(cfg: DictConfig) -> str:
+    """What tells training runs apart at a glance in MLflow: `r=8 lr=2e-4` (AdaLoRA target rank, lr)."""
+    mantissa, exponent = f"{float(cfg.train.optim.lr):.2e}".split("e")
+    lr = f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"r={cfg.train.adalora.target_r} lr={lr}"
 
 
 def make_accelerator(cfg: DictConfig):
@@ -824,8 +903,6 @@ def make_accelerator(cfg: DictConfig):
     from accelerate import Accelerator
 
     settings = cfg.train
-    if settings.cpu_threads:
-        torch.set_num_threads(int(settings.cpu_threads))
     use_cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     if not use_cpu:
         # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
@@ -862,7 +939,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     """The training loop, writing everything into `out`; `setup` (retrain) changes its data,
     starting adapter and base model, the defaults are the train stage's."""
     from artmaster.adalora import fuse_lora_, load_adalora_weights_
-    from artmaster.models import load_pipeline
+    from artmaster.models import load_pipeline, truncation_reported
 
     setup = setup or TrainSetup()
     settings = cfg.train
@@ -882,7 +959,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         modules = fuse_lora_(pipe.transformer, folder)
         if is_main:
             print(f"train: fused the LoRA in {folder} into the base ({modules} modules)")
-    with accelerator.main_process_first():
+    texts = [e.caption for e in examples + list(setup.extra)] + list(settings.samples.prompts)
+    with accelerator.main_process_first(), truncation_reported(pipe, texts, int(cfg.model.max_sequence_length),
+                                                               "train", report=is_main):
         encoded = build_cache(pipe, examples + list(setup.extra), list(settings.samples.prompts), out / "cache",
                               cfg.model, show_progress=is_main)
     if is_main:
@@ -919,8 +998,14 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         if state.ema is not None:  # the average starts from the adapter continued
             state.ema = AdapterEMA(state.named_params, float(settings.ema.decay))
         if is_main:
-            print(f"train: continuing the adapter in {setup.init_adapter} ({sum(ranks.values())} ranks kept)")
-    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes, setup.identity())
+            # the model starts exactly at the saved adapter (masked triplets at zero); the schedule then
+            # runs again, so its warm-up may revive them (up to init_r per module) before the budget
+            # shrinks back to target_r: the new data can move ranks between modules
+            print(f"train: continuing the adapter in {setup.init_adapter} ({sum(ranks.values())} ranks kept; "
+                  "masked ranks may come back during the warm-up, then the budget shrinks to target_r again)")
+    fingerprint = run_fingerprint(cfg, encoded.sample_files, accelerator.num_processes, setup.identity(),
+                                  {"buckets": {f"{w}x{h}": ids for (w, h), ids in sorted(ids_by_size.items())},
+                                   "total_step": total_step})
     checkpoints = out / "checkpoints"
     resume_from = find_resume_checkpoint(checkpoints, str(settings.resume), fingerprint)
     start_step, history = 0, []
@@ -932,7 +1017,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     if resume_from is None and is_main and checkpoints.exists():
         stale = list_checkpoints(checkpoints)
         if stale:
-            print(f"train: removing {len(stale)} checkpoint(s) of another recipe or damaged from {checkpoints}")
+            print(f"train: not resuming: the {len(stale)} checkpoint(s) in {checkpoints} are of another recipe, "
+                  "data, validation split or schedule, or damaged; removed, training from step 0")
         remove_folder(checkpoints)
     vset = validation_set(encodings, sorted(held), list(settings.validation.sigmas), int(cfg.seed), state.flow, device)
     if is_main:
@@ -951,6 +1037,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, 0, samples_dir, history)
     progress = tqdm(range(start_step + 1, total_step + 1), desc="train", unit="step", disable=not is_main,
                     initial=start_step, total=total_step)
+    rate = SteadyRate()
     for step in progress:
         micro_batches = [make_batch(encodings, ids) for ids in plan[(step - 1) * accumulation : step * accumulation]]
         generators = [seeded_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
@@ -962,17 +1049,21 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         if step % int(settings.log_every) == 0 or last:
             watch.check(accelerator, last_checkpoint)
             row = _log_row(state, window, step)
+            steps_per_second = rate.window(len(window))
             window = []
             history.append(row)
             if is_main:
                 import mlflow
 
-                mlflow.log_metrics({k: v for k, v in row.items() if k != "step"}, step=step)
-                progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"])
+                mlflow.log_metrics(mlflow_metrics(row), step=step)
+                progress.set_postfix(loss=f"{row['loss']:.4f}", rank=row["active_rank"],
+                                     steps_per_s=f"{steps_per_second:.2f}")
         validate, sample = _due(step, settings.validation.every, last), _due(step, settings.samples.every, last)
         if is_main and (validate or sample):
-            evaluation_seconds += _evaluate(cfg, state, pipe, prompt_encodings, vset, step, samples_dir, history,
-                                            validate=validate, sample=sample)
+            seconds = _evaluate(cfg, state, pipe, prompt_encodings, vset, step, samples_dir, history,
+                                validate=validate, sample=sample)
+            evaluation_seconds += seconds
+            rate.exclude(seconds)
         if _due(step, settings.checkpoint.every, last):
             watch.check(accelerator, last_checkpoint)
             rng_by_rank = _gather(accelerator, rng_states())
@@ -989,6 +1080,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         return {}
     steps_run = total_step - start_step
     metrics = _final_metrics(history, steps_run, loop_seconds - evaluation_seconds, total_step, len(examples))
+    metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds)
+    if rate.steady is not None:
+        metrics["steady_steps_per_second"] = rate.steady
     metrics["rank_checksums"] = checksums
     if setup != TrainSetup():
         metrics["extra_examples"] = len(extra)
@@ -1003,6 +1097,33 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
 
 
 # --- helpers of the stage ---------------------------------------------------------------------
+
+
+class SteadyRate:
+    """Optimizer steps per second between logged rows (each row's host sync makes a window's time
+    exact), validation and samples excluded. `steps_per_second` in metrics.json divides all steps by
+    all training time, compiling and CUDA-graph recording included; the median over windows,
+    `steady`, is the rate once those are done."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self._mark = time.perf_counter()
+        self._excluded = 0.0
+
+    def exclude(self, seconds: float) -> None:
+        self._excluded += seconds
+
+    def window(self, steps: int) -> float:
+        now = time.perf_counter()
+        busy = now - self._mark - self._excluded
+        self._mark, self._excluded = now, 0.0
+        if busy > 0:
+            self.rates.append(steps / busy)
+        return self.rates[-1] if self.rates else 0.0
+
+    @property
+    def steady(self) -> float | None:
+        return statistics.median(self.rates) if self.rates else None
 
 
 def _due(step: int, every, last: bool) -> bool:
@@ -1057,16 +1178,18 @@ def _evaluate(cfg, state: TrainingState, pipe, prompt_encodings, vset: Validatio
     with ema, eager, state.accelerator.autocast():
         if validate and vset.batches:
             value = float(validation_loss(state.adapter, vset, state.flow))
-            mlflow.log_metric("val_loss", value, step=step)
+            mlflow.log_metric(METRIC_NAMES["val_loss"], value, step=step)
             history.append({"step": step, "val_loss": value})
         if sample and cfg.train.samples.prompts:
             samples = render_samples(pipe, prompt_encodings, cfg.train.samples, state.accelerator.device)
-            for index, (_, seed, image) in enumerate(samples):
-                mlflow.log_image(image, key=f"sample_{index // len(cfg.train.samples.seeds)}_seed{seed}", step=step)
+            prompts = list(cfg.train.samples.prompts)
+            for prompt, seed, image in samples:  # one slider per prompt and seed, the step on the slider
+                mlflow.log_image(captioned(image, f"seed {seed}: {prompt}"),
+                                 key=f"prompt {prompts.index(prompt)} seed {seed}", step=step)
             samples_dir.mkdir(parents=True, exist_ok=True)
             grid_path = samples_dir / f"{checkpoint_name(step)}.png"
             buffer = io.BytesIO()
-            image_grid([image for _, _, image in samples], len(cfg.train.samples.seeds)).save(buffer, format="PNG")
+            sample_grid(samples, step).save(buffer, format="PNG")
             write_atomic(grid_path, buffer.getvalue())
             mlflow.log_artifact(str(grid_path), artifact_path="samples")
     return time.perf_counter() - started
@@ -1094,10 +1217,10 @@ def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, to
 
 # what `_export` writes into the output folder, replaced together (metrics.json, the sign of a
 # finished run, last)
-EXPORTED = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "metrics.json")
+EXPORTED = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "val_loss.csv", "headline.json", "metrics.json")
 # metrics that differ from run to run of the same recipe: MLflow and metrics.json hold them, the
 # exported LoRA never (its bytes stay a function of the recipe, so DVC sees nothing new downstream)
-TIMINGS = ("steps_per_second",)
+TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds")
 
 
 def lora_metrics(metrics: dict) -> dict:
@@ -1137,12 +1260,23 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
         writer.writeheader()
         writer.writerows(row for row in history if "loss" in row)
         (staging / "loss.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        validation = "".join(f"{row['step']},{row['val_loss']}\n" for row in history if "val_loss" in row)
+        # plotted with loss.csv by dvc.yaml
+        (staging / "val_loss.csv").write_text("step,val_loss\n" + validation, encoding="utf-8")
         (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-    mlflow.log_metrics({f"final_{k}": float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
+        log_summary(headline(metrics), details=metrics, folder=staging,  # headline.json
+                    note=f"{metrics['steps']} optimizer steps on {metrics['examples']} crops; adapter in "
+                         f"`{out / 'lora'}`.")
     for name in ("adapter", "lora"):
         mlflow.log_artifacts(str(out / name), artifact_path=name)
-    for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv"):
+    for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv", "val_loss.csv"):
         mlflow.log_artifact(str(out / name))
+
+
+def headline(metrics: dict) -> dict:
+    """The numbers `dvc metrics show` and the MLflow runs table show for a training run."""
+    names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total"}
+    return {name: metrics[key] for name, key in names.items() if key in metrics}
 
 
 def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str],
@@ -1174,10 +1308,14 @@ chosen during training) and folded exactly into plain LoRA: every module has its
 {f"{chr(10)}{note}{chr(10)}" if note else ""}
 **Trigger phrase:** `{trigger}` (start prompts with it).
 
-## Files
-- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format
-  (`pipe.load_lora_weights("<this folder>")` on a `FluxPipeline`).
-- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys).
+## Files: which tool takes which
+- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format (`transformer.*` keys):
+  `FluxPipeline.load_lora_weights("<this folder>")`, and `artmaster generate --adapter <this folder>`.
+- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys, BFL layer
+  names, `alpha` = rank): ComfyUI's LoRA loader, kohya sd-scripts and Forge on FLUX.1-dev, and
+  `artmaster generate --adapter <this file>` on any model size (its converter reads the layer widths
+  from the model). diffusers' own kohya converter loads it only on FLUX.1-dev-sized models (it
+  hard-codes FLUX.1-dev's layer widths): with diffusers on the tiny demo model, load the diffusers file.
 
 ## Ranks
 {len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
@@ -1241,8 +1379,8 @@ def _log_plan(cfg, examples, ids_by_size, total_step: int, held: int, start_step
     buckets = ", ".join(f"{w}x{h}: {len(ids)}" for (w, h), ids in sorted(ids_by_size.items()))
     print(f"train: {len(examples)} crops ({held} held for validation), buckets {buckets}; "
           f"{total_step} optimizer steps")
-    mlflow.log_metrics({"plan_total_step": total_step, "plan_examples": len(examples), "plan_held_out": held,
-                        "resumed_from_step": start_step})
+    mlflow.log_params({"plan.optimizer_steps": total_step, "plan.crops": len(examples), "plan.held_out": held,
+                       "plan.resumed_from_step": start_step, "plan.buckets": buckets})
 
 
 main = hydra_entry(run)

@@ -19,8 +19,9 @@ from artmaster.metrics.features import (
     image_files,
     load_rgb,
 )
-from artmaster.metrics.model import ModelSettings, RegionScore, StyleModel, Validation, validate
-from artmaster.metrics.stats import Interval, PermutationTest, bootstrap_mean, paired_permutation_test
+from artmaster.metrics.model import ModelSettings, RegionScore, StyleModel
+from artmaster.metrics.stats import Interval, PairedEffect, bootstrap_mean, paired_effect
+from artmaster.metrics.validation import Validation, choose_block_weights, validate
 
 __all__ = [
     "FeatureSet",
@@ -28,14 +29,15 @@ __all__ = [
     "ImageReadError",
     "Interval",
     "ModelSettings",
-    "PermutationTest",
+    "PairedEffect",
     "RegionScore",
     "StyleFeatureExtractor",
     "StyleModel",
     "Validation",
     "bootstrap_mean",
+    "choose_block_weights",
     "image_files",
     "load_rgb",
-    "paired_permutation_test",
+    "paired_effect",
     "validate",
 ]

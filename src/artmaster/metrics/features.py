@@ -1,30 +1,40 @@
-"""Weight-free style features of paintings: palette, tonal range, ink texture and brushwork.
+"""Weight-free style features of paintings: tone texture, colour structure and colour detail.
 
 Every image is brought to one scale (short side `image.scale` px) and cut into equal tiles; each
 block is computed per tile and an image's features are the mean over its tiles, so images of any
 size and aspect compare like with like, and a region of an image compares with reference tiles.
 
-Blocks (all on CIE Lab, computed on CPU with numpy and a tiny torch conv net):
-- palette: soft joint a*b* histogram (square-rooted) plus chroma moments and percentiles;
-- tonal_range: soft L* histogram (square-rooted) plus L* percentiles;
-- ink_texture: local ternary patterns (upper and lower uniform LBP codes) on L* at several scales;
-- brushwork: Gram matrices of a fixed random-weight conv net on L* minus its local mean.
+The features describe how a painting is made, not its global colour or tone distribution: a
+colour filter (a per-channel lookup table, or a 3-D one) matched to the painter's works moves
+global histograms onto the painter's, yet leaves these blocks almost where they were
+(docs/metrics.md has the measurements).
+
+- tone_texture: local ternary patterns (uniform LBP codes of the neighbours brighter, and of those
+  darker, than the centre by more than a threshold) at several scales and thresholds, on the
+  image's L* after per-image histogram equalisation: any global tone curve leaves it unchanged.
+- colour_structure: at what spatial scale the colour varies (dots or washes: the share of
+  chroma, a* and b* energy in difference-of-Gaussians bands), where the most chromatic pixels
+  sit in the tone (mean and spread of their equalised L*, and the rank correlation of chroma and
+  tone), and how they cluster (the share of their neighbours at several distances that are also
+  among the most chromatic).
+- colour_detail: which colours occur as small details: the a*b* histogram of every pixel
+  weighted by how much its colour stands out from its surroundings (colour minus its Gaussian
+  blur), so emerald and ochre dots count and broad washes of the same colours do not.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+from scipy.stats import rankdata
 from tqdm import tqdm
 
 from artmaster.imagestats import rgb_to_lab
@@ -36,10 +46,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WEIGHT_FREE_BLOCKS = ("palette", "tonal_range", "ink_texture", "brushwork")
+WEIGHT_FREE_BLOCKS = ("tone_texture", "colour_structure", "colour_detail")
 LEARNED_BLOCK = "learned"
 
 # 8 neighbours in circular order, so "uniform" patterns are those with at most 2 bit transitions.
+# (skimage's local_binary_pattern has no ternary threshold, which flat paper needs for stable codes.)
 _NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1))
 _LBP_CLASSES = len(_NEIGHBOURS) + 2  # uniform patterns by count of set bits (0..8) + "non-uniform"
 
@@ -72,17 +83,14 @@ class FeatureSettings:
     max_tiles: int
     max_aspect: float
     blur: float
+    texture_scales: tuple[int, ...]
+    texture_thresholds: tuple[float, ...]
+    colour_bands: tuple[float, ...]
+    chroma_quantiles: tuple[float, ...]
+    neighbour_distances: tuple[int, ...]
+    detail_sigma: float
     ab_bins: int
     ab_range: float
-    chroma_percentiles: tuple[float, ...]
-    tonal_bins: int
-    tonal_percentiles: tuple[float, ...]
-    lbp_scales: tuple[int, ...]
-    lbp_threshold: float
-    gram_seed: int
-    gram_widths: tuple[int, ...]
-    gram_kernel_size: int
-    gram_detail_window: int
 
     @classmethod
     def from_config(cls, metrics: DictConfig) -> FeatureSettings:
@@ -93,28 +101,31 @@ class FeatureSettings:
             max_tiles=int(metrics.image.max_tiles),
             max_aspect=float(metrics.image.max_aspect),
             blur=float(metrics.image.blur),
-            ab_bins=int(metrics.palette.ab_bins),
-            ab_range=float(metrics.palette.ab_range),
-            chroma_percentiles=tuple(float(p) for p in metrics.palette.chroma_percentiles),
-            tonal_bins=int(metrics.tonal_range.bins),
-            tonal_percentiles=tuple(float(p) for p in metrics.tonal_range.percentiles),
-            lbp_scales=tuple(int(s) for s in metrics.ink_texture.scales),
-            lbp_threshold=float(metrics.ink_texture.threshold),
-            gram_seed=int(metrics.brushwork.seed),
-            gram_widths=tuple(int(w) for w in metrics.brushwork.widths),
-            gram_kernel_size=int(metrics.brushwork.kernel_size),
-            gram_detail_window=int(metrics.brushwork.detail_window),
+            texture_scales=tuple(int(s) for s in metrics.tone_texture.scales),
+            texture_thresholds=tuple(float(t) for t in metrics.tone_texture.thresholds),
+            colour_bands=tuple(float(s) for s in metrics.colour_structure.bands),
+            chroma_quantiles=tuple(float(q) for q in metrics.colour_structure.chroma_quantiles),
+            neighbour_distances=tuple(int(d) for d in metrics.colour_structure.neighbour_distances),
+            detail_sigma=float(metrics.colour_detail.sigma),
+            ab_bins=int(metrics.colour_detail.ab_bins),
+            ab_range=float(metrics.colour_detail.ab_range),
         )
         if settings.scale < settings.tile:
             raise ValueError(f"metrics.image.scale ({settings.scale}) must be >= image.tile ({settings.tile})")
-        for factor in settings.lbp_scales:
-            if settings.tile % factor or settings.tile // factor < 3:
+        for factor in settings.texture_scales:
+            if factor < 1 or settings.tile % factor or settings.tile // factor < 3:
                 raise ValueError(
-                    f"metrics.ink_texture.scales: {factor} must divide image.tile ({settings.tile}) "
+                    f"metrics.tone_texture.scales: {factor} must divide image.tile ({settings.tile}) "
                     "and leave at least 3 px"
                 )
-        if settings.gram_detail_window < 1 or settings.gram_detail_window % 2 == 0:
-            raise ValueError(f"metrics.brushwork.detail_window must be odd, got {settings.gram_detail_window}")
+        if not settings.texture_thresholds or not settings.colour_bands or not settings.chroma_quantiles:
+            raise ValueError("metrics: tone_texture.thresholds, colour_structure.bands and "
+                             "colour_structure.chroma_quantiles must not be empty")
+        if not all(0 < q < 1 for q in settings.chroma_quantiles):
+            raise ValueError(f"metrics.colour_structure.chroma_quantiles must lie in (0, 1), got {settings.chroma_quantiles}")
+        if not all(0 < d < settings.tile for d in settings.neighbour_distances):
+            raise ValueError(f"metrics.colour_structure.neighbour_distances must lie in (0, image.tile), "
+                             f"got {settings.neighbour_distances}")
         if settings.max_aspect < 1:
             raise ValueError(f"metrics.image.max_aspect must be >= 1, got {settings.max_aspect}")
         return settings
@@ -233,58 +244,39 @@ def _tile_starts(length: int, tile: int) -> np.ndarray:
     return np.linspace(0, length - tile, count).round().astype(np.int64)
 
 
-@contextmanager
-def single_torch_thread() -> Iterator[None]:
-    """Run torch on one thread for a while: the conv net's tensors are small, and with several
-    threads OpenMP hand-offs and spin-waits cost more than the work, badly so on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+def _rank_normalised(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Each value's rank among `values` (along `axis`), ties sharing their mean rank, mapped to [0, 1]:
+    unchanged by any increasing function of the values (a tone curve, a contrast change)."""
+    count = values.size if axis is None else values.shape[axis]
+    return (rankdata(values, method="average", axis=axis) - 1.0) / max(count - 1, 1)
 
 
-class RandomGramNet:
-    """A fixed conv net with He-scaled Gaussian weights drawn by numpy's PCG64 from one seed:
-    numpy guarantees that stream across versions and platforms, unlike torch's RNG."""
+def _band_shares(channel: np.ndarray, sigmas: Sequence[float]) -> np.ndarray:
+    """(tiles, h, w) -> (tiles, len(sigmas) + 1): the square root of the share of each tile's
+    variance in difference-of-Gaussians bands (finest first) and in what is left above the
+    coarsest; whether a quantity varies in dots, strokes or broad washes."""
+    levels = [channel.astype(np.float64)]
+    levels += [ndimage.gaussian_filter(levels[0], (0, sigma, sigma), mode="reflect") for sigma in sigmas]
+    bands = [finer - coarser for finer, coarser in zip(levels, levels[1:])]
+    bands.append(levels[-1] - levels[-1].mean(axis=(1, 2), keepdims=True))
+    energy = np.stack([(band**2).mean(axis=(1, 2)) for band in bands], axis=1)
+    return np.sqrt(energy / np.maximum(energy.sum(axis=1, keepdims=True), 1e-12))
 
-    def __init__(self, seed: int, widths: Sequence[int], kernel_size: int, detail_window: int):
-        rng = np.random.Generator(np.random.PCG64(seed))
-        self.detail_window = detail_window
-        self.weights = []
-        channels = 1
-        for width in widths:
-            fan_in = channels * kernel_size * kernel_size
-            weight = rng.standard_normal((width, channels, kernel_size, kernel_size)) * math.sqrt(2.0 / fan_in)
-            self.weights.append(torch.from_numpy(weight.astype(np.float32)))
-            channels = width
-        self.pairs = [torch.triu_indices(w.shape[0], w.shape[0]) for w in self.weights]
 
-    @property
-    def dim(self) -> int:
-        return sum(p.shape[1] for p in self.pairs)
+def _row_correlation(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each row of x with the same row of y; 0 where either is constant."""
+    x = x - x.mean(axis=1, keepdims=True)
+    y = y - y.mean(axis=1, keepdims=True)
+    norm = np.sqrt((x**2).sum(axis=1) * (y**2).sum(axis=1))
+    return np.where(norm > 1e-12, (x * y).sum(axis=1) / np.maximum(norm, 1e-12), 0.0)
 
-    def __call__(self, luminance: np.ndarray) -> np.ndarray:
-        """(tiles, h, w) L*/100 -> (tiles, dim): square-rooted upper triangles of each layer's Gram.
 
-        The net sees L* minus its local mean over `detail_window` px: strokes and edges, not the
-        large tonal layout (which the tonal_range block measures)."""
-        x = torch.from_numpy(np.ascontiguousarray(luminance, dtype=np.float32))[:, None]
-        grams = []
-        with torch.inference_mode():
-            window, margin = self.detail_window, self.detail_window // 2
-            padded = F.pad(x, (margin, margin, margin, margin), mode="replicate")
-            local_mean = F.avg_pool2d(F.avg_pool2d(padded, (window, 1), stride=1), (1, window), stride=1)
-            x = x - local_mean
-            for layer, (weight, (rows, cols)) in enumerate(zip(self.weights, self.pairs)):
-                if layer:
-                    x = F.avg_pool2d(x, 2)
-                x = F.relu(F.conv2d(x, weight))
-                flat = x.flatten(2)
-                gram = flat @ flat.transpose(1, 2) / flat.shape[-1]
-                grams.append(gram[:, rows, cols])
-        return torch.cat(grams, dim=1).sqrt().double().numpy()
+def _neighbour_share(mask: np.ndarray, distance: int) -> np.ndarray:
+    """(tiles, h, w) 0/1 -> per tile, the share of the set pixels' neighbours at `distance` (up,
+    down, left, right, inside the tile) that are set too: high for washes, low for scattered dots."""
+    pairs = 2 * ((mask[:, distance:, :] * mask[:, :-distance, :]).sum(axis=(1, 2))
+                 + (mask[:, :, distance:] * mask[:, :, :-distance]).sum(axis=(1, 2)))
+    return pairs / np.maximum(4 * mask.sum(axis=(1, 2)), 1.0)
 
 
 class StyleFeatureExtractor:
@@ -293,14 +285,11 @@ class StyleFeatureExtractor:
     def __init__(self, settings: FeatureSettings, backend: LearnedBackend | None = None):
         self.settings = settings
         self.backend = backend
-        self.gram_net = RandomGramNet(
-            settings.gram_seed, settings.gram_widths, settings.gram_kernel_size, settings.gram_detail_window
-        )
         sizes = {
-            "palette": settings.ab_bins**2 + 4 + len(settings.chroma_percentiles),
-            "tonal_range": settings.tonal_bins + len(settings.tonal_percentiles),
-            "ink_texture": 2 * _LBP_CLASSES * len(settings.lbp_scales),
-            "brushwork": self.gram_net.dim,
+            "tone_texture": 2 * _LBP_CLASSES * len(settings.texture_scales) * len(settings.texture_thresholds),
+            "colour_structure": 3 * (len(settings.colour_bands) + 1) + 2 * len(settings.chroma_quantiles) + 1
+            + len(settings.chroma_quantiles) * len(settings.neighbour_distances),
+            "colour_detail": settings.ab_bins**2,
         }
         self.blocks: dict[str, slice] = {}
         start = 0
@@ -338,7 +327,7 @@ class StyleFeatureExtractor:
         return resized, factor, (left, top)
 
     def _tiles(self, pixels: np.ndarray, box: tuple[int, int, int, int] | None = None) -> np.ndarray:
-        """(tiles, tile, tile, 3) cut from an image at scale, inside `box` (default: everything)."""
+        """(tiles, tile, tile[, channels]) cut from an image at scale, inside `box` (default: everything)."""
         tile = self.settings.tile
         height, width = pixels.shape[:2]
         left, top, right, bottom = box or (0, 0, width, height)
@@ -352,66 +341,80 @@ class StyleFeatureExtractor:
 
     # -- feature blocks ---------------------------------------------------------------------
 
-    def tile_features(self, tiles: np.ndarray) -> np.ndarray:
-        """(tiles, h, w, 3) uint8 -> (tiles, tile_dim) weight-free features."""
-        lab = rgb_to_lab(tiles.astype(np.float32) / 255.0)
-        luminance = lab[..., 0] / 100.0
+    def prepare(self, image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """An image at scale as (CIE Lab, equalised L* in [0, 1]), both (H, W[, 3]).
+
+        Equalisation is over the whole image (each pixel's rank of L* among its pixels, ties
+        sharing their mean rank), so a region's tiles see the same tone mapping as the image."""
+        scaled, _, _ = self.at_scale(to_rgb(image))
+        lab = rgb_to_lab(np.asarray(scaled, dtype=np.float32) / 255.0)
+        return lab, _rank_normalised(lab[..., 0].ravel()).reshape(lab.shape[:2])
+
+    def tile_features(self, lab_tiles: np.ndarray, tone_tiles: np.ndarray) -> np.ndarray:
+        """(tiles, h, w, 3) Lab and (tiles, h, w) equalised L* -> (tiles, tile_dim) features."""
         blocks = (
-            self._palette(lab[..., 1], lab[..., 2]),
-            self._tonal_range(lab[..., 0]),
-            self._ink_texture(luminance),
-            self.gram_net(luminance),
+            self._tone_texture(tone_tiles),
+            self._colour_structure(lab_tiles, tone_tiles),
+            self._colour_detail(lab_tiles),
         )
         return np.concatenate(blocks, axis=1)
 
-    def _palette(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    def _tone_texture(self, tone: np.ndarray) -> np.ndarray:
+        tiles, height, width = tone.shape
+        histograms = []
+        for factor in self.settings.texture_scales:
+            small = tone.reshape(tiles, height // factor, factor, width // factor, factor).mean(axis=(2, 4))
+            rows, cols = small.shape[1] - 2, small.shape[2] - 2
+            centre = small[:, 1:-1, 1:-1]
+            neighbours = [small[:, 1 + dy : 1 + dy + rows, 1 + dx : 1 + dx + cols] for dy, dx in _NEIGHBOURS]
+            for threshold in self.settings.texture_thresholds:
+                brighter = np.zeros(centre.shape, dtype=np.int64)
+                darker = np.zeros(centre.shape, dtype=np.int64)
+                for bit, neighbour in enumerate(neighbours):
+                    brighter |= (neighbour > centre + threshold).astype(np.int64) << bit
+                    darker |= (neighbour < centre - threshold).astype(np.int64) << bit
+                for codes in (brighter, darker):
+                    counts = _per_tile_histogram(_UNIFORM_PATTERN[codes], np.ones(1), _LBP_CLASSES)
+                    histograms.append(np.sqrt(counts / (rows * cols)))
+        return np.concatenate(histograms, axis=1)
+
+    def _colour_structure(self, lab: np.ndarray, tone: np.ndarray) -> np.ndarray:
         s = self.settings
+        tiles = lab.shape[0]
+        chroma = np.hypot(lab[..., 1], lab[..., 2])
+        parts = [_band_shares(channel, s.colour_bands) for channel in (chroma, lab[..., 1], lab[..., 2])]
+        chroma_rank = _rank_normalised(chroma.reshape(tiles, -1), axis=1).reshape(chroma.shape)
+        flat_tone = tone.reshape(tiles, -1)
+        for quantile in s.chroma_quantiles:
+            most = (chroma_rank >= quantile).reshape(tiles, -1)
+            count = np.maximum(most.sum(axis=1), 1)
+            mean = np.where(most.any(axis=1), (flat_tone * most).sum(axis=1) / count, 0.5)
+            spread = np.sqrt(np.maximum((flat_tone**2 * most).sum(axis=1) / count - mean**2, 0.0))
+            parts.append(np.stack([mean, spread], axis=1))
+        parts.append(_row_correlation(chroma_rank.reshape(tiles, -1), flat_tone)[:, None])
+        for quantile in s.chroma_quantiles:
+            most = (chroma_rank >= quantile).astype(np.float64)
+            parts.append(np.stack([_neighbour_share(most, d) for d in s.neighbour_distances], axis=1))
+        return np.concatenate(parts, axis=1)
+
+    def _colour_detail(self, lab: np.ndarray) -> np.ndarray:
+        s = self.settings
+        a, b = lab[..., 1].astype(np.float64), lab[..., 2].astype(np.float64)
+        blur = (0, s.detail_sigma, s.detail_sigma)
+        stand_out = np.hypot(a - ndimage.gaussian_filter(a, blur), b - ndimage.gaussian_filter(b, blur))
         tiles = a.shape[0]
         histogram = np.zeros((tiles, s.ab_bins * s.ab_bins))
         for a_index, a_weight in _soft_bins(a, s.ab_bins, -s.ab_range, s.ab_range):
             for b_index, b_weight in _soft_bins(b, s.ab_bins, -s.ab_range, s.ab_range):
-                histogram += _per_tile_histogram(a_index * s.ab_bins + b_index, a_weight * b_weight, s.ab_bins**2)
-        histogram /= a[0].size
-        a_flat, b_flat = a.reshape(tiles, -1), b.reshape(tiles, -1)
-        chroma = np.hypot(a_flat, b_flat)
-        moments = np.stack([a_flat.mean(1), b_flat.mean(1), a_flat.std(1), b_flat.std(1)], axis=1)
-        percentiles = np.percentile(chroma, s.chroma_percentiles, axis=1).T
-        return np.concatenate([np.sqrt(histogram), moments / s.ab_range, percentiles / s.ab_range], axis=1)
-
-    def _tonal_range(self, lightness: np.ndarray) -> np.ndarray:
-        s = self.settings
-        tiles = lightness.shape[0]
-        histogram = sum(
-            _per_tile_histogram(index, weight, s.tonal_bins) for index, weight in _soft_bins(lightness, s.tonal_bins, 0, 100)
-        )
-        histogram /= lightness[0].size
-        percentiles = np.percentile(lightness.reshape(tiles, -1), s.tonal_percentiles, axis=1).T / 100.0
-        return np.concatenate([np.sqrt(histogram), percentiles], axis=1)
-
-    def _ink_texture(self, luminance: np.ndarray) -> np.ndarray:
-        tiles, height, width = luminance.shape
-        threshold = self.settings.lbp_threshold
-        histograms = []
-        for factor in self.settings.lbp_scales:
-            small = luminance.reshape(tiles, height // factor, factor, width // factor, factor).mean(axis=(2, 4))
-            rows, cols = small.shape[1] - 2, small.shape[2] - 2
-            centre = small[:, 1:-1, 1:-1]
-            brighter = np.zeros(centre.shape, dtype=np.int64)
-            darker = np.zeros(centre.shape, dtype=np.int64)
-            for bit, (dy, dx) in enumerate(_NEIGHBOURS):
-                neighbour = small[:, 1 + dy : 1 + dy + rows, 1 + dx : 1 + dx + cols]
-                brighter |= (neighbour > centre + threshold).astype(np.int64) << bit
-                darker |= (neighbour < centre - threshold).astype(np.int64) << bit
-            for codes in (brighter, darker):
-                counts = _per_tile_histogram(_UNIFORM_PATTERN[codes], np.ones(1), _LBP_CLASSES)
-                histograms.append(np.sqrt(counts / (rows * cols)))
-        return np.concatenate(histograms, axis=1)
+                histogram += _per_tile_histogram(a_index * s.ab_bins + b_index, a_weight * b_weight * stand_out,
+                                                 s.ab_bins**2)
+        return np.sqrt(histogram / (a[0].size * s.ab_range))
 
     # -- public entry points ----------------------------------------------------------------
 
     def image_tile_features(self, image: Image.Image) -> np.ndarray:
-        scaled, _, _ = self.at_scale(to_rgb(image))
-        return self.tile_features(self._tiles(np.asarray(scaled)))
+        lab, tone = self.prepare(image)
+        return self.tile_features(self._tiles(lab), self._tiles(tone))
 
     def _assemble(self, names: list[str], per_image_tiles: list[np.ndarray], learned: np.ndarray | None) -> FeatureSet:
         image = np.stack([t.mean(axis=0) for t in per_image_tiles]) if per_image_tiles else np.zeros((0, self.tile_dim))
@@ -432,8 +435,7 @@ class StyleFeatureExtractor:
     def extract(self, images: Sequence[Image.Image], names: Sequence[str] | None = None) -> FeatureSet:
         """Features of in-memory images (any mode, any size)."""
         names = list(names) if names is not None else [f"image_{i}" for i in range(len(images))]
-        with single_torch_thread():
-            per_image = [self.image_tile_features(image) for image in images]
+        per_image = [self.image_tile_features(image) for image in images]
         learned = self.backend.embed([to_rgb(image) for image in images]) if self.backend else None
         return self._assemble(names, per_image, learned)
 
@@ -457,10 +459,9 @@ class StyleFeatureExtractor:
                         log.warning("skipped %s", err)
                         skipped.append(err)
                     bar.update()
-                with single_torch_thread():
-                    for path, image in loaded:
-                        names.append(str(path.relative_to(root)) if root else path.name)
-                        per_image.append(self.image_tile_features(image))
+                for path, image in loaded:
+                    names.append(str(path.relative_to(root)) if root else path.name)
+                    per_image.append(self.image_tile_features(image))
                 if self.backend and loaded:
                     learned.append(self.backend.embed([image for _, image in loaded]))
         learned_matrix = None
@@ -476,8 +477,10 @@ class StyleFeatureExtractor:
 
         The region is measured at the same scale as whole images; a box smaller than a tile is
         widened around its centre to one tile, so it compares with reference tiles."""
-        scaled, factor, (offset_x, offset_y) = self.at_scale(to_rgb(image))
-        width, height = scaled.size
+        rgb = to_rgb(image)
+        _, factor, (offset_x, offset_y) = self.at_scale(rgb)
+        lab, tone = self.prepare(rgb)
+        height, width = tone.shape
         tile = self.settings.tile
         left, top, right, bottom = (float(v) for v in box)
         if not (right > left and bottom > top):
@@ -492,6 +495,6 @@ class StyleFeatureExtractor:
                 high = low + tile
             edges.append((low, high))
         (x0, x1), (y0, y1) = edges
-        with single_torch_thread():
-            tiles = self.tile_features(self._tiles(np.asarray(scaled), (x0, y0, x1, y1)))
+        box = (x0, y0, x1, y1)
+        tiles = self.tile_features(self._tiles(lab, box), self._tiles(tone, box))
         return self._assemble([name], [tiles], None)

@@ -1,5 +1,5 @@
-"""Statistics for small sets of paintings: unbiased KID/MMD, bootstrap intervals, paired
-permutation tests, leave-one-out retrieval and ROC AUC.
+"""Statistics for small sets of paintings: unbiased KID/MMD, bootstrap intervals, paired effects
+clustered by prompt over training replicates, and ROC AUC.
 
 With ~20 reference works FID is meaningless; the unbiased MMD^2 estimate with a polynomial kernel
 (KID) is fine at any size, and its bootstrap keeps the estimate's U-statistic form (pairs of the
@@ -8,12 +8,11 @@ same original sample are left out), so equal distributions give intervals around
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.spatial.distance import cdist
-from scipy.stats import rankdata
+from scipy import stats as scipy_stats
+from sklearn.metrics import roc_auc_score
 
 
 @dataclass(frozen=True)
@@ -27,22 +26,6 @@ class Interval:
 
     def as_dict(self) -> dict:
         return {"value": self.value, "ci_low": self.low, "ci_high": self.high, "confidence": self.confidence}
-
-
-@dataclass(frozen=True)
-class PermutationTest:
-    mean_difference: float
-    p_value: float
-    permutations: int
-    exact: bool
-
-    def as_dict(self) -> dict:
-        return {
-            "mean_difference": self.mean_difference,
-            "p_value": self.p_value,
-            "permutations": self.permutations,
-            "exact": self.exact,
-        }
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float, coef0: float) -> np.ndarray:
@@ -100,52 +83,117 @@ def _percentile_interval(value: float, estimates: np.ndarray, confidence: float)
 
 
 def bootstrap_mean(values: np.ndarray, bootstrap: int, confidence: float, seed: int) -> Interval:
-    """Mean of `values` with a bootstrap percentile interval."""
+    """Mean of `values` with a bootstrap percentile interval (scipy.stats.bootstrap)."""
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         raise ValueError("cannot average an empty set of values")
-    counts = _resample_counts(np.random.default_rng(seed), len(values), bootstrap)
-    return _percentile_interval(values.mean(), counts @ values / len(values), confidence)
+    if len(values) == 1 or np.ptp(values) == 0:
+        return Interval(float(values.mean()), float(values.mean()), float(values.mean()), confidence)
+    result = scipy_stats.bootstrap((values,), np.mean, n_resamples=bootstrap, confidence_level=confidence,
+                                   method="percentile", random_state=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return Interval(float(values.mean()), float(interval.low), float(interval.high), confidence)
 
 
-def paired_permutation_test(a: np.ndarray, b: np.ndarray, permutations: int, seed: int) -> PermutationTest:
-    """Two-sided test that paired scores a[i], b[i] (same prompt and seed) share one mean.
+@dataclass(frozen=True)
+class PairedEffect:
+    """How much model A's per-image scores exceed model B's on the same prompts and seeds, over
+    training replicates: the mean difference, a crossed bootstrap interval (prompts and replicates
+    resampled) and a prompt-level sign-flip permutation p-value."""
 
-    Under the null each pair's difference is equally likely to have either sign. When 2^n sign
-    patterns fit in `permutations` they are all enumerated (exact p-value); otherwise random
-    patterns are drawn and p = (1 + hits) / (1 + draws), never 0."""
-    difference = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
-    if difference.ndim != 1 or len(difference) == 0:
-        raise ValueError(f"paired test needs two equal-length 1-D score lists, got shapes {np.shape(a)} and {np.shape(b)}")
-    n = len(difference)
-    observed = abs(difference.mean())
-    # Treat ties within rounding as "at least as extreme", so p never drops from float noise.
-    tolerance = 1e-12 * max(1.0, float(np.abs(difference).max()))
-    if 2**n <= permutations:
-        signs = np.array(list(itertools.product((1.0, -1.0), repeat=n)))
-        hits = int((np.abs(signs @ difference / n) >= observed - tolerance).sum())
-        return PermutationTest(float(difference.mean()), hits / len(signs), len(signs), exact=True)
+    mean_difference: float
+    ci_low: float
+    ci_high: float
+    confidence: float
+    p_value: float
+    permutations: int
+    exact: bool
+    prompts: int
+    replicates: int
+    pairs: int
+    per_replicate: tuple[float, ...]
+
+    @property
+    def replicates_agreeing(self) -> int:
+        """How many replicates' own mean difference has the sign of the overall one."""
+        return int(sum(np.sign(d) == np.sign(self.mean_difference) for d in self.per_replicate))
+
+    def significant(self, alpha: float) -> bool:
+        return bool(self.p_value < alpha)
+
+    def as_dict(self, alpha: float) -> dict:
+        return {"mean_difference": self.mean_difference, "ci_low": self.ci_low, "ci_high": self.ci_high,
+                "confidence": self.confidence, "p_value": self.p_value, "permutations": self.permutations,
+                "exact": self.exact, "significant": self.significant(alpha), "prompts": self.prompts,
+                "replicates": self.replicates, "pairs": self.pairs, "per_replicate": list(self.per_replicate),
+                "replicates_agreeing": self.replicates_agreeing}
+
+
+def clustered_mean(values: np.ndarray, bootstrap: int, confidence: float, seed: int) -> Interval:
+    """Mean of `values` (replicates, prompts, seeds) with a crossed bootstrap percentile interval:
+    prompts and replicates resampled independently (images of one prompt, or of one training
+    replicate, are not independent; scipy.stats.bootstrap resamples one level only)."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 3 or 0 in values.shape:
+        raise ValueError(f"values must be (replicates, prompts, seeds), got shape {values.shape}")
+    cell = values.mean(axis=2)
+    replicates, prompts = cell.shape
     rng = np.random.default_rng(seed)
-    signs = rng.choice((1.0, -1.0), size=(permutations, n))
-    hits = int((np.abs(signs @ difference / n) >= observed - tolerance).sum())
-    return PermutationTest(float(difference.mean()), (1 + hits) / (1 + permutations), permutations, exact=False)
+    rows = rng.integers(0, replicates, size=(bootstrap, replicates))
+    cols = rng.integers(0, prompts, size=(bootstrap, prompts))
+    estimates = np.array([cell[np.ix_(r, c)].mean() for r, c in zip(rows, cols)])
+    return _percentile_interval(float(cell.mean()), estimates, confidence)
 
 
-def leave_one_out_nearest(embedding: np.ndarray) -> np.ndarray:
-    """Index of each row's nearest other row (Euclidean)."""
-    if len(embedding) < 2:
-        raise ValueError("leave-one-out retrieval needs at least 2 samples")
-    distance = cdist(embedding, embedding)
-    np.fill_diagonal(distance, np.inf)
-    return distance.argmin(axis=1)
+def clustered_auc(positive: np.ndarray, positive_groups: np.ndarray, negative: np.ndarray,
+                  negative_groups: np.ndarray, bootstrap: int, confidence: float, seed: int) -> Interval:
+    """AUC of positive over negative scores with a bootstrap interval that resamples whole groups
+    (the painter's scans, the prompts) on each side."""
+    positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
+    positive_groups, negative_groups = np.asarray(positive_groups), np.asarray(negative_groups)
+    value = roc_auc(positive, negative)
+    rng = np.random.default_rng(seed)
+    members = [[np.flatnonzero(groups == g) for g in np.unique(groups)] for groups in (positive_groups, negative_groups)]
+    estimates = []
+    for _ in range(bootstrap):
+        drawn = [np.concatenate([side[i] for i in rng.integers(0, len(side), len(side))]) for side in members]
+        estimates.append(roc_auc(positive[drawn[0]], negative[drawn[1]]))
+    return _percentile_interval(value, np.array(estimates), confidence)
+
+
+def paired_effect(difference: np.ndarray, bootstrap: int, confidence: float, permutations: int,
+                  seed: int) -> PairedEffect:
+    """`difference` (replicates, prompts, seeds): score of A minus score of B per image pair.
+
+    Images of one prompt are not independent (nor are a replicate's), so inference treats the
+    prompts as the independent units: the p-value flips the sign of whole prompts (scipy's
+    permutation_test, exact when 2^prompts <= `permutations`), and the interval resamples prompts
+    and replicates independently (a crossed bootstrap, which scipy.stats.bootstrap does not do)."""
+    difference = np.asarray(difference, dtype=np.float64)
+    if difference.ndim != 3 or 0 in difference.shape:
+        raise ValueError(f"paired differences must be (replicates, prompts, seeds), got shape {difference.shape}")
+    replicates, prompts, _ = difference.shape
+    cell = difference.mean(axis=2)  # (replicates, prompts)
+    mean = float(cell.mean())
+    interval = clustered_mean(difference, bootstrap, confidence, seed)
+    prompt_means = cell.mean(axis=0)
+    if prompts < 2:  # nothing to permute: no evidence either way
+        p_value, draws, exact = 1.0, 1, True
+    else:
+        exact = 2**prompts <= permutations
+        test = scipy_stats.permutation_test((prompt_means,), lambda x, axis: np.mean(x, axis=axis),
+                                            permutation_type="samples", alternative="two-sided",
+                                            n_resamples=np.inf if exact else permutations,
+                                            random_state=np.random.default_rng(seed))
+        p_value, draws = float(test.pvalue), len(test.null_distribution)
+    return PairedEffect(mean, interval.low, interval.high, confidence, p_value, draws, exact, prompts, replicates,
+                        int(difference.size), tuple(float(v) for v in cell.mean(axis=1)))
 
 
 def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
-    """P(score of a random positive > score of a random negative), ties counted half
-    (the Mann-Whitney form of the area under the ROC curve)."""
+    """P(score of a random positive > score of a random negative), ties counted half."""
     positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
     if len(positive) == 0 or len(negative) == 0:
         raise ValueError("AUC needs at least one positive and one negative score")
-    ranks = rankdata(np.concatenate([positive, negative]))
-    rank_sum = ranks[: len(positive)].sum() - len(positive) * (len(positive) + 1) / 2
-    return float(rank_sum / (len(positive) * len(negative)))
+    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
+    return float(roc_auc_score(labels, np.r_[positive, negative]))
