@@ -258,3 +258,55 @@ def test_vlm_backend_without_a_model_folder_says_what_to_do(make, tmp_path):
 def test_unknown_backend_is_a_clear_error(make):
     with pytest.raises(ValueError, match=r"caption\.backend='nope': choose one of template, vlm"):
         caption.make_captioner(make("caption.backend=nope").caption)
+
+
+# --- issue 15: the overrides file and place-free outputs -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("s1-128x128-00: [unclosed\n", r"overrides\.yaml:2: not valid caption overrides YAML \(expected ',' or ']'"),
+        ("s1-128x128-00: !!python/object/apply:os.system [echo pwned]\n",
+         r"overrides\.yaml:1: not valid caption overrides YAML \(could not determine a constructor for the tag "
+         r"'tag:yaml\.org,2002:python/object/apply:os\.system'\); fix or empty the file"),
+        ("s1-128x128-00: 5\n",
+         r"overrides\.yaml: the override for 's1-128x128-00' must be a non-empty string, got int 5"),
+        ("s1-128x128-00:\n  nested: map\n", r"the override for 's1-128x128-00' must be a non-empty string, got dict"),
+    ],
+    ids=["malformed", "python_tag", "number", "mapping"],
+)
+def test_a_bad_overrides_file_is_one_line_naming_the_file_before_any_work(make, tmp_path, text, expected):
+    from artmaster.config import ConfigError
+
+    (tmp_path / "overrides.yaml").write_text(text, encoding="utf-8")
+    cfg = make()
+    with pytest.raises(ConfigError, match=expected) as raised:
+        caption.run(cfg)
+    assert "\n" not in str(raised.value)
+    assert not (Path(cfg.paths.data_dir) / "caption").exists()
+
+
+def test_a_missing_or_outside_overrides_file_is_said(make, tmp_path):
+    cfg = make()
+    with pytest.warns(UserWarning) as warned:
+        caption.run(cfg)
+    said = [str(w.message) for w in warned]
+    assert said.count(f"caption.overrides_file {tmp_path / 'overrides.yaml'} does not exist: no caption overrides "
+                      "are applied") == 1
+    (tmp_path / "overrides.yaml").write_text("s2-128x128-00: a grey test card\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"overrides\.yaml is outside the project \(.*\); reading it"):
+        caption.run(cfg)
+
+
+def test_the_summary_holds_paths_as_configured_never_where_the_workspace_lies(make, tmp_path):
+    from artmaster.config import project_root
+
+    cfg = make("caption.overrides_file=captions_overrides.yaml")  # the default: relative to the project
+    (Path(cfg.paths.data_dir) / "crop" / "128x128" / "s2-128x128-00.png").write_bytes(b"not a png")
+    caption.run(cfg)
+    text = (Path(cfg.paths.data_dir) / "caption" / "summary.json").read_text(encoding="utf-8")
+    summary = json.loads(text)
+    assert summary["overrides_file"] == "captions_overrides.yaml"
+    assert summary["failed"][0]["path"] == "128x128/s2-128x128-00.png"
+    assert str(tmp_path) not in text and str(project_root()) not in text

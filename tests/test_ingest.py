@@ -313,3 +313,175 @@ def test_perceptual_hash_is_stable_under_reencoding_and_separates_pictures():
     assert hamming(perceptual_hash(first), perceptual_hash(first.resize((100, 130)))) <= 2
     assert hamming(perceptual_hash(first), perceptual_hash(second)) > 12
     assert hamming(0b1011, 0b0001) == 2
+
+
+# --- issue 15: faults found by probing ----------------------------------------------------------
+
+
+def _rows(cfg) -> dict[str, dict]:
+    manifest = Path(cfg.paths.data_dir) / "ingest" / "manifest.jsonl"
+    return {row["source"]: row for row in map(json.loads, manifest.read_text(encoding="utf-8").splitlines())}
+
+
+def test_a_file_name_that_is_not_utf8_is_ingested_and_recorded_with_escapes(workspace):
+    scans = workspace.root / "latin1_names_scans"
+    scans.mkdir()
+    painting(42).save(scans / "plain.png")
+    name = os.path.join(os.fsencode(scans), b"caf\xe9 \xff.png")  # Latin-1 bytes: not UTF-8
+    painting(43).save(name, "PNG")
+    with open(name[:-4] + b".txt", "wb") as handle:
+        handle.write("Café in the mist".encode())
+    cfg = workspace.make_cfg("latin1_names", scans)
+    assert run(cfg)["accepted"] == 2
+    rows = _rows(cfg)  # the manifest is valid UTF-8 JSON
+    row = rows["caf\\xe9 \\xff.png"]
+    assert row["status"] == "accepted" and row["sidecar_text"] == "Café in the mist"
+    assert row["steps"][0] == "file name is not valid UTF-8: recorded with \\x escapes"
+    assert "steps" in rows["plain.png"] and not rows["plain.png"]["steps"]
+
+
+def test_links_leaving_the_scans_folder_are_rejected_unless_allowed(workspace):
+    private = workspace.root / "private"
+    (private / "system").mkdir(parents=True)
+    (private / "secret.txt").write_text("TOP SECRET: the password is hunter2")
+    painting(44).save(private / "elsewhere.png")
+    for index in range(3):
+        painting(45 + index).save(private / "system" / f"file_{index}.png")
+    scans = workspace.root / "linked_scans"
+    (scans / "inside").mkdir(parents=True)
+    painting(48).save(scans / "scroll.png")
+    (scans / "scroll.txt").symlink_to(private / "secret.txt")  # a sidecar leaving the folder
+    (scans / "system").symlink_to(private / "system", target_is_directory=True)  # a folder leaving it
+    (scans / "borrowed.png").symlink_to(private / "elsewhere.png")  # a scan leaving it
+    painting(49).save(scans / "inside" / "real.png")
+    (scans / "alias.png").symlink_to(scans / "inside" / "real.png")  # a link inside: followed
+
+    cfg = workspace.make_cfg("linked", scans, "data.ingest.phash_max_distance=-1")
+    summary = run(cfg)
+    rows = _rows(cfg)
+    manifest = (Path(cfg.paths.data_dir) / "ingest" / "manifest.jsonl").read_text(encoding="utf-8")
+    assert "TOP SECRET" not in manifest and "hunter2" not in manifest
+    assert not any(source.startswith("system/file") for source in rows)
+    assert rows["system/"]["reason_code"] == rows["borrowed.png"]["reason_code"] == "outside_link"
+    assert f"symbolic link to {private / 'system'}, outside the scans folder" in rows["system/"]["reason"]
+    assert "data.ingest.follow_links_outside=true" in rows["borrowed.png"]["reason"]
+    assert rows["scroll.png"]["status"] == "accepted" and rows["scroll.png"]["sidecar_text"] is None
+    assert "sidecar scroll.txt is a symbolic link to" in rows["scroll.png"]["sidecar_error"]
+    assert rows["alias.png"]["status"] == "accepted" and rows["inside/real.png"]["status"] == "duplicate"
+    assert summary["accepted"] == 2
+
+    allowed = workspace.make_cfg("linked_allowed", scans, "data.ingest.phash_max_distance=-1",
+                                 "data.ingest.follow_links_outside=true")
+    assert run(allowed)["accepted"] == 6
+    rows = _rows(allowed)
+    assert rows["scroll.png"]["sidecar_text"].startswith("TOP SECRET") and "system/file_2.png" in rows
+
+
+def test_an_unreadable_subfolder_gets_a_manifest_row_naming_the_problem(workspace, monkeypatch):
+    """chmod 000 does not stop root, so there the refusal is simulated: listing the folder raises."""
+    scans = workspace.root / "locked_folder_scans"
+    (scans / "locked").mkdir(parents=True)
+    painting(50).save(scans / "fine.png")
+    painting(51).save(scans / "locked" / "hidden.png")
+    real_scandir = os.scandir
+
+    def refusing_scandir(path="."):
+        if isinstance(path, str) and path.endswith("locked"):
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refusing_scandir)
+    cfg = workspace.make_cfg("locked_folder", scans)
+    summary = run(cfg)
+    monkeypatch.undo()
+    rows = _rows(cfg)
+    assert summary["accepted"] == 1 and summary["reasons"] == {"unreadable_folder": 1}
+    assert rows["locked/"]["reason"] == (
+        "cannot list the folder (Permission denied): its files are not read; make it readable"
+    )
+
+
+def test_the_eight_bit_conversion_of_a_16_bit_scan_makes_no_full_size_wide_copy():
+    """Deterministic allocation count (tracemalloc sees numpy's buffers), not a timing:
+    benchmarks/ingest_memory.py measures the process's peak memory."""
+    import tracemalloc
+
+    from artmaster.ingest import _to_eight_bit
+
+    values = np.linspace(0, 65535, 2000 * 3000).reshape(3000, 2000).astype(np.uint16)
+    sixteen = Image.fromarray(values)
+    assert sixteen.mode == "I;16"
+    tracemalloc.start()
+    eight = _to_eight_bit(sixteen, [])
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(np.asarray(eight), (values >> 8).astype(np.uint8))
+    assert peak < 1.5 * values.size  # the 8-bit result and a strip: no int64 (8 bytes a pixel) copies
+
+
+def test_a_scan_over_the_decoded_memory_budget_is_refused_before_decoding(workspace):
+    scans = workspace.root / "budget_scans"
+    scans.mkdir()
+    gray16 = (np.arange(2000 * 2000, dtype=np.uint32) % 65536).astype(np.uint16).reshape(2000, 2000)
+    Image.fromarray(gray16).save(scans / "sixteen_bit.png")  # I;16: 8 MB decoded
+    gray = (gray16 >> 8).astype(np.uint8)
+    Image.fromarray(gray).save(scans / "gray.png")  # L: 4 MB decoded
+    Image.fromarray(np.stack([gray, gray.T, 255 - gray], axis=-1)).save(scans / "colour.png")  # RGB: 16 MB
+    cfg = workspace.make_cfg("budget", scans, "data.ingest.max_decoded_mb=5", "data.ingest.phash_max_distance=-1")
+    run(cfg)
+    rows = _rows(cfg)
+    assert rows["gray.png"]["status"] == "accepted"
+    assert rows["sixteen_bit.png"]["reason_code"] == rows["colour.png"]["reason_code"] == "too_large"
+    assert rows["sixteen_bit.png"]["reason"] == (
+        "refused without decoding: 2000x2000 I;16 takes 8 MB decoded, over data.ingest.max_decoded_mb=5"
+    )
+
+
+def test_special_files_damaged_pngs_and_long_sidecars_are_named_for_what_they_are(workspace):
+    import zlib
+
+    scans = workspace.root / "small_faults_scans"
+    scans.mkdir()
+    os.mkfifo(scans / "pipe.png")  # never opened: reading a FIFO would block the stage
+    png = bytearray(Path(_save(painting(53), scans / "good.png")).read_bytes())
+    png[29] ^= 0xFF  # the IHDR chunk's CRC
+    (scans / "bad_crc.png").write_bytes(bytes(png))
+    (scans / "good.txt").write_text("misty gorge " * 250_000)  # a 3 MB sidecar
+    cfg = workspace.make_cfg("small_faults", scans)
+    run(cfg)
+    rows = _rows(cfg)
+    assert rows["pipe.png"]["reason_code"] == "not_a_file"
+    assert rows["pipe.png"]["reason"] == "a named pipe (FIFO), not a regular file; not read"
+    assert rows["bad_crc.png"]["reason_code"] == "corrupt"
+    assert rows["bad_crc.png"]["reason"] == (
+        "a damaged PNG file (it starts like one, but broken PNG file (bad header checksum in b'IHDR'))"
+    )
+    good = rows["good.png"]
+    assert good["status"] == "accepted" and len(good["sidecar_text"].encode()) <= 8192
+    assert good["sidecar_text"].startswith("misty gorge misty gorge")
+    assert "sidecar good.txt is longer than data.ingest.sidecar_max_bytes=8192: only its first 8192 bytes are kept" \
+        in good["steps"]
+    assert zlib.crc32(png[12:29]) != int.from_bytes(png[29:33], "big")  # the fault is in the file indeed
+
+
+def _save(image: Image.Image, path: Path) -> Path:
+    image.save(path)
+    return path
+
+
+def test_a_scans_path_that_is_a_file_or_holds_no_valid_scan_is_one_line(workspace):
+    from artmaster.config import ConfigError
+
+    a_file = workspace.root / "scans.zip"
+    a_file.write_bytes(b"PK\x03\x04")
+    with pytest.raises(ConfigError, match=r"scans folder .*scans\.zip is a file, not a folder \(set data\.scans_dir\)"):
+        run(workspace.make_cfg("is_a_file", a_file))
+    broken = workspace.root / "all_bad_scans"
+    broken.mkdir()
+    for index in range(5):
+        (broken / f"notes_{index}.jpg").write_text("not a picture")
+    with pytest.raises(ConfigError) as raised:
+        run(workspace.make_cfg("all_bad", broken))
+    message = str(raised.value)
+    assert "\n" not in message and "5 read, 0 accepted" in message and "no valid scan in" in message
+    assert "notes_0.jpg: not an image" in message and "and 2 more listed above" in message

@@ -10,6 +10,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -275,3 +276,167 @@ def test_a_ten_to_one_handscroll_is_accepted_and_cut_into_several_crops(tmp_path
     assert lefts[0] < 7000 / 4 and lefts[-1] > 7000 / 2  # spread along the scroll, not bunched
     top, bottom = summary["paintings"][rows[0]["scan_id"]][1::2]
     assert top < 0.15 * 700 and bottom > 0.85 * 700  # the painting's own horizon is not taken for the mount
+
+
+# --- issue 15: a silent tracking server, a read-only or moved store, ranges, missing weights -------
+
+
+class SilentServer:
+    """A TCP server on 127.0.0.1 that accepts connections; `answers_health`: GET /health gets
+    `200 OK` (a live MLflow server would), every other request is read and never answered."""
+
+    def __init__(self, answers_health: bool):
+        import threading
+
+        self.answers_health = answers_health
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.held: list[socket.socket] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.held.append(connection)  # kept open, so the client waits for an answer
+            request = connection.recv(65536)
+            if self.answers_health and request.startswith(b"GET /health "):
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nOK")
+
+    def close(self) -> None:
+        self.listener.close()
+        for connection in self.held:
+            connection.close()
+
+
+@pytest.mark.parametrize("answers_health", [False, True], ids=["answers_nothing", "answers_only_health"])
+def test_a_server_that_accepts_connections_but_never_answers_stops_the_stage_in_one_line(tmp_path, scans,
+                                                                                          answers_health):
+    """Before: the check only opened a connection, then MLflow waited 120 s per request with 7
+    retries. Now the check asks for an answer, and tracking.timeout_s / tracking.retries bound
+    every request MLflow makes once the run is open."""
+    server = SilentServer(answers_health)
+    uri = f"http://127.0.0.1:{server.port}"
+    env = {key: value for key, value in offline_env().items() if not key.startswith("MLFLOW_HTTP_REQUEST")}
+    started = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "artmaster.cli", "ingest", f"paths.data_dir={tmp_path / 'data'}",
+             f"data.scans_dir={scans}", f"data.ingest.min_side={MIN_SIDE}", f"tracking.uri={uri}",
+             "tracking.timeout_s=1"],
+            cwd=project_root(), env=env, capture_output=True, text=True, timeout=90)
+    finally:
+        server.close()
+    assert time.perf_counter() - started < 60
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"artmaster: MLflow tracking store {uri} cannot be used: ")
+    if answers_health:  # the check passes; MLflow's own request times out after 1 s (tracking.retries: 2)
+        assert "timeout" in lines[0].lower() and "Nothing was run" in lines[0]
+    else:
+        assert f"the server at 127.0.0.1:{server.port} accepts connections but sends no answer within 1 s" in lines[0]
+    assert not (tmp_path / "data" / "ingest").exists()
+
+
+def test_a_read_only_sqlite_store_is_one_line_before_any_work(tmp_path, scans):
+    import mlflow
+
+    store = tmp_path / "store"
+    store.mkdir()
+    database = store / "mlflow.db"
+    mlflow.MlflowClient(f"sqlite:///{database}").search_experiments()  # an MLflow store, then read-only
+    database.chmod(0o444)
+    command = [sys.executable, "-m", "artmaster.cli", "ingest", f"paths.data_dir={tmp_path / 'data'}",
+               f"data.scans_dir={scans}", f"data.ingest.min_side={MIN_SIDE}", f"tracking.uri=sqlite:///{database}",
+               f"tracking.artifact_dir={tmp_path / 'mlartifacts'}"]
+    if os.geteuid() == 0:  # root writes read-only files: run without the capability that allows it
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: a read-only file cannot be made")
+        command = [setpriv, "--bounding-set", "-dac_override,-dac_read_search", *command]
+    done = subprocess.run(command, cwd=project_root(), env=offline_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip() == (
+        f"artmaster: MLflow tracking store sqlite:///{database} cannot be used: SQLite file {database} is read-only "
+        "(make the file and its folder writable) (attempt to write a readonly database). Nothing was run. Start or "
+        "unlock the store, point tracking.uri= at one that works (e.g. tracking.uri=sqlite:///$PWD/mlflow.db), or "
+        "run without an MLflow record: tracking.enabled=false"
+    )
+    assert not (tmp_path / "data" / "ingest").exists()
+
+
+def test_a_moved_or_copied_workspace_keeps_its_mlflow_artifacts_inside_itself(tmp_path, scans, monkeypatch, capsys):
+    """The store records the experiment's artifact folder as an absolute path: a copy of the
+    workspace used to log its new runs' artifacts into the original's folder."""
+    import mlflow
+
+    def ingest_in(workspace: Path) -> Path:
+        monkeypatch.setenv("DVC_ROOT", str(workspace))  # the store and artifacts are anchored here
+        cfg = compose([f"paths.data_dir={workspace / 'data'}", f"data.scans_dir={scans}",
+                       f"data.ingest.min_side={MIN_SIDE}"])  # tracking.uri and artifact_dir: the defaults
+        ingest.run(cfg)
+        client = mlflow.MlflowClient(f"sqlite:///{workspace / 'mlflow.db'}")
+        run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id],
+                                 order_by=["attributes.start_time DESC"])[0]
+        return Path(run.info.artifact_uri.removeprefix("file://"))
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    assert ingest_in(original).is_relative_to(original / "mlartifacts")
+    shutil.copytree(original, copy)
+    before = _tree(original)
+    capsys.readouterr()
+
+    artifacts = ingest_in(copy)
+    assert artifacts.is_relative_to(copy / "mlartifacts") and (artifacts / "manifest.jsonl").is_file()
+    assert _tree(original) == before  # nothing written into the workspace it was copied from
+    assert f"kept its artifacts in {(original / 'mlartifacts').as_uri()} (workspace moved or copied?)" \
+        in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("train.optim.lr=0", r"train\.optim\.lr=0 is out of range: it must be greater than 0"),
+        ("train.batch_size=0", r"train\.batch_size=0 is out of range: it must be at least 1"),
+        ("train.epochs=0", r"train\.epochs=0 is out of range: it must be at least 1"),
+        ("train.adalora.init_r=0", r"train\.adalora\.init_r=0 is out of range: it must be at least 1"),
+        ("train.adalora.target_r=13", r"train\.adalora\.target_r=13 is out of range: it must be between 1 and "
+                                      r"train\.adalora\.init_r"),
+        ("train.samples.width=500", r"train\.samples\.width=500 is out of range: it must be a multiple of 16"),
+        ("crop.buckets.portrait.height=760", r"crop\.buckets\.portrait\.height=760 is out of range: it must be a "
+                                             r"multiple of 16"),
+        ("train.image_scale=0.3", r"train\.image_scale=0\.3 is out of range: it must be greater than 0 and keep both "
+                                  r"sides of every enabled crop bucket multiples of 16"),
+    ],
+)
+def test_an_out_of_range_value_is_one_clear_error_naming_the_key(override, expected):
+    with pytest.raises(ConfigError, match=expected) as raised:
+        compose([override])
+    assert "\n" not in str(raised.value)
+
+
+def test_the_command_says_in_one_line_what_is_out_of_range_or_missing_before_any_work(tmp_path):
+    from test_train import SQUARE, write_fixture_data
+
+    done = _cli("train", f"paths.data_dir={tmp_path / 'data'}", "train.batch_size=0")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip() == ("artmaster: config: train.batch_size=0 is out of range: it must be at least 1; "
+                                   "fix the override or the conf/ file that sets it")
+
+    write_fixture_data(tmp_path / "data", [SQUARE] * 2)  # crops and captions: train gets as far as the model
+    done = subprocess.run(
+        [sys.executable, "-m", "artmaster.cli", "train", "experiment=artmaster_flux",
+         f"paths.data_dir={tmp_path / 'data'}", "tracking.enabled=false",
+         "model.repo_id=artmaster-tests/not-downloaded"],
+        cwd=project_root(), env={**offline_env(), "HF_HUB_CACHE": str(tmp_path / "empty_cache")}, capture_output=True,
+        text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "artmaster: artmaster-tests/not-downloaded at revision main is not in the Hugging Face cache: download it "
+        "once (`hf download artmaster-tests/not-downloaded --revision main`) or set model.path to a local pipeline "
+        "folder"
+    )

@@ -232,24 +232,29 @@ class Killed(Exception):
     pass
 
 
+def killed_at_step(cfg, monkeypatch, step: int) -> None:
+    """Run the stage until it dies at optimizer step `step` (an exception where a kill would be)."""
+    real_step = train.training_step
+
+    def dies(state, micro_batches, at, generators):
+        if at == step:
+            raise Killed
+        return real_step(state, micro_batches, at, generators)
+
+    monkeypatch.setattr(train, "training_step", dies)
+    with pytest.raises(Killed):
+        train.run(cfg)
+    monkeypatch.undo()
+
+
 def test_killed_run_resumes_to_the_bitwise_same_adapter(reference, assets, tmp_path, monkeypatch):
     cfg_ref, metrics_ref, out_ref = reference
     cfg = make_run_cfg(assets, tmp_path)
-    real_step = train.training_step
-
-    def dies_at_step_7(state, micro_batches, step, generators):
-        if step == 7:
-            raise Killed
-        return real_step(state, micro_batches, step, generators)
-
-    monkeypatch.setattr(train, "training_step", dies_at_step_7)
-    with pytest.raises(Killed):
-        train.run(cfg)
+    killed_at_step(cfg, monkeypatch, 7)
     out = tmp_path / "data" / "train"
     assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == ["step-000004"]
     assert not (out / "metrics.json").exists()
 
-    monkeypatch.undo()
     metrics = train.run(cfg)  # train.resume=auto
     final, final_ref = (load_file(o / "checkpoints" / "step-000012" / "adapter.safetensors") for o in (out, out_ref))
     assert final.keys() == final_ref.keys() and any(".lora_E." in k for k in final)

@@ -24,10 +24,10 @@ from launch import offline_env
 from safetensors.torch import load_file
 from test_augment import FAST as AUGMENT_FAST
 from test_augment import upstream  # noqa: F401 - a fixture
-from test_train import FAST, assets, make_run_cfg, reference  # noqa: F401 - fixtures
+from test_train import FAST, assets, killed_at_step, make_run_cfg, reference  # noqa: F401 - fixtures
 
 from artmaster import augment, train
-from artmaster.config import project_root
+from artmaster.config import ConfigError, project_root
 
 KILL_TRAIN = r"""
 import os, signal, sys
@@ -90,6 +90,9 @@ def _same_adapter(out: Path, out_ref: Path) -> None:
         assert tensors.keys() == expected.keys(), relative
         assert all(torch.equal(tensors[k], expected[k]) for k in tensors), f"{relative} differs"
     assert (out / "loss.csv").read_text() == (out_ref / "loss.csv").read_text()
+    # the exported LoRA, headers and model card included, is byte for byte the same: what DVC hashes
+    lora, lora_ref = ({p.name: p.read_bytes() for p in (o / "lora").iterdir()} for o in (out, out_ref))
+    assert lora.keys() == lora_ref.keys() and all(lora[name] == lora_ref[name] for name in lora), "lora/ differs"
 
 
 def _count_calls(monkeypatch, name: str) -> list:
@@ -198,3 +201,124 @@ def test_augment_killed_with_sigkill_redoes_only_the_unfinished_samples(upstream
     assert (out / "samples" / "0000.json").stat().st_mtime_ns == kept
     records = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [r["sample_id"] for r in records] == ["0000", "0001", "0002"] and metrics["samples"] == 3
+
+
+# --- issue 15: damaged checkpoints and cache entries, a failing export, place-free outputs ---------
+
+# one training run (no seed replicates): these tests count the steps and encodings of that run
+ONE_RUN = ("replicates.count=1",)
+
+
+def _flip_bit(path: Path, tensor: str) -> None:
+    """Flip one exponent bit in the first value of the first tensor whose name contains `tensor`,
+    as a bad sector or a power cut would: the file still loads, with a different number in it."""
+    data = bytearray(path.read_bytes())
+    header_size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_size])
+    name = next(key for key in sorted(header) if tensor in key)
+    data[8 + header_size + header[name]["data_offsets"][0] + 3] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_intact_one(
+    reference, assets, tmp_path, monkeypatch, capsys  # noqa: F811
+):
+    _, metrics_ref, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    killed_at_step(cfg, monkeypatch, 9)  # after the checkpoint of step 8
+    out = tmp_path / "data" / "train"
+    newest = out / "checkpoints" / "step-000008"
+    _flip_bit(newest / "adapter.safetensors", ".lora_A.")
+    capsys.readouterr()
+
+    steps = _count_calls(monkeypatch, "training_step")
+    metrics = train.run(cfg)
+    assert f"train: skipping checkpoint step-000008: {newest / 'adapter.safetensors'} does not match the sha256" \
+        in capsys.readouterr().out
+    assert steps == list(range(5, 13))  # resumed from step-000004, the newest intact one
+    _same_adapter(out, out_ref)
+    assert metrics["loss"] == metrics_ref["loss"]
+    recorded = json.loads((out / "checkpoints" / "step-000012" / "meta.json").read_text())["files"]
+    assert sorted(recorded) == ["adapter.safetensors", "training_state.pt"]  # every file hashed when written
+
+    _flip_bit(out / "checkpoints" / "step-000012" / "adapter.safetensors", ".lora_B.")
+    with pytest.raises(ConfigError, match=r"train\.resume=.*step-000012: .*adapter\.safetensors does not match"):
+        train.run(make_run_cfg(assets, tmp_path, *ONE_RUN, f"train.resume={out / 'checkpoints' / 'step-000012'}"))
+
+
+def test_a_flipped_bit_in_a_cached_latent_is_detected_and_the_entry_recomputed(
+    reference, assets, tmp_path, monkeypatch, caplog  # noqa: F811
+):
+    _, metrics_ref, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    out = tmp_path / "data" / "train"
+    shutil.copytree(out_ref / "cache", out / "cache")
+    damaged = sorted(path for path in (out / "cache").glob("*.safetensors") if "latent_mean" in load_file(path))
+    assert len(damaged) == 6
+    for path in damaged:
+        _flip_bit(path, "latent_mean")
+
+    encodes = _count_calls(monkeypatch, "encode_image")
+    metrics = train.run(cfg)
+    assert len(encodes) == len(damaged)  # exactly the damaged entries are encoded again
+    for path in damaged:
+        assert f"cache file {path} does not match the hash recorded" in caplog.text
+    _same_adapter(out, out_ref)
+    assert metrics["loss"] == metrics_ref["loss"]
+
+
+def test_a_failing_export_leaves_the_previous_outputs_whole(reference, assets, tmp_path, monkeypatch):  # noqa: F811
+    from artmaster import adalora
+
+    _, _, out_ref = reference
+    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    out = tmp_path / "data" / "train"
+    shutil.copytree(out_ref, out)  # a finished run; its checkpoints make the re-run go straight to the export
+    (out / "adapter" / "from_the_previous_run.txt").write_text("previous")
+    exported = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "metrics.json")
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()
+              and path.relative_to(out).parts[0] in exported}
+
+    def no_lora(*args, **kwargs):
+        raise ValueError("every module has rank 0: there is no LoRA to save")
+
+    monkeypatch.setattr(adalora, "save_lora", no_lora)
+    with pytest.raises(ValueError, match="every module has rank 0"):
+        train.run(cfg)
+    after = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()
+             and path.relative_to(out).parts[0] in exported}
+    assert after == before  # the previous run's outputs, all of them, untouched
+    assert not list(out.glob(".outputs*")), "staging folders left behind"
+
+    monkeypatch.undo()  # the export works again: the outputs are replaced together, and only they
+    train.run(cfg)
+    assert not (out / "adapter" / "from_the_previous_run.txt").exists()
+    _same_adapter(out, out_ref)
+
+
+def test_the_exported_lora_holds_no_timing(reference):  # noqa: F811
+    from safetensors import safe_open
+
+    _, metrics, out = reference
+    assert metrics["steps_per_second"] > 0  # measured, and kept in metrics.json and MLflow
+    assert "steps_per_second" in (out / "metrics.json").read_text()
+    for path in (out / "lora").glob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as handle:
+            assert "second" not in json.dumps(handle.metadata()), path.name
+    assert "second" not in (out / "lora" / "README.md").read_text()
+    assert "time" not in json.loads((out / "checkpoints" / "step-000012" / "meta.json").read_text())
+
+
+def test_a_checkpoints_folder_that_is_a_symbolic_link_is_emptied_and_kept(assets, tmp_path):  # noqa: F811
+    elsewhere = tmp_path / "big_disk" / "checkpoints"
+    stale = elsewhere / "step-000099"
+    stale.mkdir(parents=True)
+    (stale / "meta.json").write_text(json.dumps({"step": 99, "fingerprint": "another recipe"}))
+    out = tmp_path / "data" / "train"
+    out.mkdir(parents=True)
+    (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
+    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN, "train.epochs=1", "train.checkpoint.keep_after_success=false")
+    train.run(cfg)
+    assert (out / "checkpoints").is_symlink() and elsewhere.is_dir()
+    assert list(elsewhere.iterdir()) == []  # the stale checkpoint and this run's, gone after the export
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 
+from artmaster.files import sort_safetensors_header
 from artmaster.models import DTYPES
 
 
@@ -690,7 +691,11 @@ def save_lora(
 
     def write(state: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
         weights = {k: (v if k.endswith(".alpha") else v.to(torch_dtype)).contiguous() for k, v in state.items()}
-        return _write_atomically(path, lambda tmp: save_file(weights, str(tmp), metadata=header))
+        def write_sorted(tmp: Path) -> None:
+            save_file(weights, str(tmp), metadata=header)
+            sort_safetensors_header(tmp)  # the same LoRA gives the same bytes
+
+        return _write_atomically(path, write_sorted)
 
     paths = {"diffusers": write(diffusers_state_dict(exported), folder / DIFFUSERS_WEIGHT_NAME, header)}
     if kohya:

@@ -419,11 +419,13 @@ def locate_flux_weights(model_cfg: DictConfig) -> tuple[Path, str | None]:
     """The local folder holding the pipeline, and the commit it was downloaded at (cache only).
 
     Never downloads: a missing folder or cache entry is an error that says how to get it."""
+    from artmaster.models import WeightsMissing, not_in_cache
+
     if model_cfg.path:
         folder = Path(model_cfg.path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model.path {folder} is not a folder (expected a FLUX.1-dev pipeline folder "
-                                    "with model_index.json)")
+            raise WeightsMissing(f"model.path {folder} is not a folder (expected a FLUX.1-dev pipeline folder "
+                                 "with model_index.json)")
         return folder, None
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -431,11 +433,7 @@ def locate_flux_weights(model_cfg: DictConfig) -> tuple[Path, str | None]:
     try:
         folder = Path(snapshot_download(model_cfg.repo_id, revision=model_cfg.revision, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise FileNotFoundError(
-            f"{model_cfg.repo_id} at revision {model_cfg.revision} is not in the Hugging Face cache: download it "
-            f"once (`hf download {model_cfg.repo_id} --revision {model_cfg.revision}`) or set model.path "
-            "to a local pipeline folder"
-        ) from None
+        raise not_in_cache(model_cfg) from None
     return folder, folder.name
 
 

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 from tqdm import tqdm
 
-from artmaster.config import hydra_entry, project_root, stage_dir
+from artmaster.config import ConfigError, hydra_entry, project_root, stage_dir
 from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.imagestats import (
     ink_density,
@@ -231,22 +231,42 @@ def overrides_path(settings: DictConfig) -> Path | None:
     return path if path.is_absolute() else project_root() / path
 
 
+class OverridesError(ConfigError):
+    """The caption overrides file cannot be used (one line naming the file and the problem)."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, stacklevel=3)
+    log.warning("caption: %s", message)
+
+
 def load_overrides(path: Path | None) -> dict[str, str]:
-    """crop_id -> caption from a user-edited YAML mapping; a missing file means none."""
-    if path is None or not path.exists():
+    """crop_id -> caption from a user-edited YAML mapping; a missing file means none (said once),
+    a file outside the project is read with a warning, and a file that is not a mapping of
+    non-empty strings (bad YAML, a python tag, a number) is an OverridesError naming it."""
+    if path is None:
         return {}
+    if not path.exists():
+        _warn(f"caption.overrides_file {path} does not exist: no caption overrides are applied")
+        return {}
+    if not path.resolve().is_relative_to(project_root().resolve()):
+        _warn(f"caption.overrides_file {path} is outside the project ({project_root()}); reading it")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path}: not valid YAML ({error})") from error
+    except yaml.YAMLError as error:  # safe_load refuses python tags: a ConstructorError
+        place = getattr(error, "problem_mark", None)
+        where = f"{path}:{place.line + 1}" if place is not None else str(path)
+        what = " ".join(str(getattr(error, "problem", None) or error).split())
+        raise OverridesError(f"{where}: not valid caption overrides YAML ({what}); fix or empty the file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of crop_id: caption, got {type(data).__name__}")
+        raise OverridesError(f"{path}: expected a mapping of crop_id: caption, got {type(data).__name__}")
     overrides = {}
     for crop_id, text in data.items():
         if not isinstance(text, str) or not text.strip():
-            raise ValueError(f"{path}: the override for {crop_id!r} must be a non-empty string")
+            raise OverridesError(f"{path}: the override for {crop_id!r} must be a non-empty string, "
+                                 f"got {type(text).__name__} {text!r}"[:300])
         overrides[str(crop_id)] = _one_line(text)
     return overrides
 
@@ -306,9 +326,7 @@ def run(cfg: DictConfig) -> dict:
     overrides = load_overrides(overrides_file)
     unknown = sorted(set(overrides) - {str(row["crop_id"]) for row in crops})
     for crop_id in unknown:
-        message = f"{overrides_file}: override for unknown crop id {crop_id!r} (no such crop; ignored)"
-        warnings.warn(message, stacklevel=2)
-        log.warning("caption: %s", message)
+        _warn(f"{overrides_file}: override for unknown crop id {crop_id!r} (no such crop; ignored)")
 
     out_dir = stage_dir(cfg, "caption")
     with stage_run(cfg, "caption", sections=("caption",)), staged_dir(out_dir) as staging:
@@ -326,7 +344,9 @@ def run(cfg: DictConfig) -> dict:
                     image = opened.convert("RGB")
             except OSError as error:
                 log.error("caption: skipping %s: %s", path, error)
-                failed.append({"crop_id": crop_id, "path": str(path), "error": str(error)})
+                # paths as data/crop's manifest gives them: no output depends on where the workspace is
+                failed.append({"crop_id": crop_id, "path": str(crop["path"]),
+                               "error": str(error).replace(str(path), str(crop["path"]))})
                 continue
             if crop_id in overrides:
                 text, source = overrides[crop_id], "override"
@@ -345,7 +365,7 @@ def run(cfg: DictConfig) -> dict:
             "captions": len(rows),
             "by_source": by_source,
             "backend": settings.backend,
-            "overrides_file": str(overrides_file) if overrides_file else None,
+            "overrides_file": settings.overrides_file or None,  # as configured, never made absolute
             "unknown_override_ids": unknown,
             "failed": failed,
         }

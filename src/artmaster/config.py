@@ -122,10 +122,16 @@ TYPED_KEYS = {
     "train.optim.weight_decay": "number",
     "train.log_every": "int",
     "train.checkpoint.keep": "int",
+    "train.adalora.init_r": "int",
+    "train.adalora.target_r": "int",
+    "train.adalora.lora_alpha": "number",
+    "train.samples.width": "int",
+    "train.samples.height": "int",
     "augment.count": "int",
     "augment.rounds": "int",
     "tracking.enabled": "bool",
     "tracking.timeout_s": "number",
+    "tracking.retries": "int",
 }
 _KINDS = {"int": (int,), "number": (int, float), "bool": (bool,)}
 _WORDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
@@ -151,6 +157,65 @@ def _check(key: str, value, kind: str, origin: str) -> None:
             f"config: {key}={value!r} is a {type(value).__name__}, expected {_WORDS[kind]}{origin}; "
             "fix the override or the conf/ file that sets it"
         )
+
+
+def _multiple_of_16(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 16 and value % 16 == 0
+
+
+# Ranges, checked after the types: key -> (test of the value and the whole config, what it must be).
+# `*` stands for every entry of a mapping (each crop bucket). Out of range is a ConfigError naming
+# the key, before any work: `train.batch_size=0` would otherwise fail deep inside a stage.
+RANGES: dict[str, tuple[Callable[[object, DictConfig], bool], str]] = {
+    "train.optim.lr": (lambda v, cfg: v > 0, "greater than 0"),
+    "train.epochs": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.repeats": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.batch_size": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.gradient_accumulation": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.log_every": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.checkpoint.keep": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.adalora.init_r": (lambda v, cfg: v >= 1, "at least 1"),
+    "train.adalora.target_r": (lambda v, cfg: 1 <= v <= cfg.train.adalora.init_r,
+                               "between 1 and train.adalora.init_r"),
+    "train.adalora.lora_alpha": (lambda v, cfg: v > 0, "greater than 0"),
+    "train.samples.width": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
+    "train.samples.height": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
+    "crop.buckets.*.width": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
+    "crop.buckets.*.height": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
+    "train.image_scale": (lambda v, cfg: v > 0 and all(
+        _multiple_of_16(round(bucket[side] * v)) for bucket in cfg.crop.buckets.values() if bucket.enabled
+        for side in ("width", "height")),
+        "greater than 0 and keep both sides of every enabled crop bucket multiples of 16 (512 px: 0.25, 0.5, 1.0)"),
+    "tracking.timeout_s": (lambda v, cfg: v > 0, "greater than 0"),
+    "tracking.retries": (lambda v, cfg: v >= 0, "at least 0"),
+}
+
+
+def _expand(cfg: DictConfig, key: str) -> list[str]:
+    """`key` with its `*` replaced by each entry of that mapping (absent mapping: none)."""
+    if "*" not in key:
+        return [key]
+    head, _, tail = key.partition(".*")
+    mapping = _select(cfg, head)
+    names = list(mapping.keys()) if OmegaConf.is_dict(mapping) else []
+    return [key for name in names for key in _expand(cfg, f"{head}.{name}{tail}")]
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """ConfigError (one line naming the key and the range) for the first value out of RANGES."""
+    for pattern, (test, expected) in RANGES.items():
+        for key in _expand(cfg, pattern):
+            value = _select(cfg, key)
+            if value is None:  # absent, or null: the stage reading it decides
+                continue
+            try:
+                ok = test(value, cfg)
+            except TypeError:  # a wrong type is reported by the type checks
+                ok = True
+            if not ok:
+                shown = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+                raise ConfigError(f"config: {key}={shown!r} is out of range: it must be {expected}; "
+                                  "fix the override or the conf/ file that sets it")
 
 
 def _select(cfg: DictConfig, key: str):
@@ -180,21 +245,22 @@ def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
 def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """ConfigError (one line naming the key and the expected type) when a value has the wrong
     type: the keys of TYPED_KEYS always, and every key an override sets against the type of its
-    value in conf/ (`crop.max_iou=abc`, `train.optim.lr=fast`, `train.epochs=2.5`). Must run with
+    value in conf/ (`crop.max_iou=abc`, `train.optim.lr=fast`, `train.epochs=2.5`); then when a
+    value is out of its range (RANGES: `train.optim.lr=0`, `train.batch_size=0`). Must run with
     Hydra initialised on conf/ when there are overrides (inside `compose` or a Hydra app)."""
     for key, kind in TYPED_KEYS.items():
         if OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False) != "__absent__":
             _check(key, _select(cfg, key), kind, "")
     groups, keys = _split_overrides(overrides)
     keys = [key for key in keys if key not in TYPED_KEYS]
-    if not keys:
-        return
-    baseline = hydra_compose(config_name="config", overrides=groups)
-    for key in keys:
-        kind = _kind_of(_select(baseline, key))
-        if kind is not None:
-            default = OmegaConf.to_yaml({"v": _select(baseline, key)}).strip()[3:]
-            _check(key, _select(cfg, key), kind, f" like its value in conf/ ({default})")
+    if keys:
+        baseline = hydra_compose(config_name="config", overrides=groups)
+        for key in keys:
+            kind = _kind_of(_select(baseline, key))
+            if kind is not None:
+                default = OmegaConf.to_yaml({"v": _select(baseline, key)}).strip()[3:]
+                _check(key, _select(cfg, key), kind, f" like its value in conf/ ({default})")
+    check_ranges(cfg)
 
 
 def to_params(cfg: DictConfig) -> dict:

@@ -91,6 +91,35 @@ def staged_dir(final: Path) -> Iterator[Path]:
         staging.rename(final)
 
 
+@contextmanager
+def replace_together(folder: Path, names: tuple[str, ...]) -> Iterator[Path]:
+    """An empty folder to write the entries `names` of `folder` into (files or folders), for a
+    stage whose folder also holds state that stays (caches, checkpoints). When the block succeeds
+    they replace the previous ones together: all the old ones out first, then the new ones in,
+    `names[-1]` (the file that says a run finished, e.g. metrics.json) last; when it fails the old
+    ones stay whole. A kill inside the swap (a few renames) leaves some missing, never a mix."""
+    anchor = folder / "outputs"  # the staging and retired folders are named after it
+    remove_abandoned(anchor)
+    staging = Path(tempfile.mkdtemp(prefix=f".{anchor.name}.tmp-{os.getpid()}-", dir=folder))
+    try:
+        yield staging
+        absent = [name for name in names if not (staging / name).exists()]
+        if absent:
+            raise FileNotFoundError(f"{staging}: {', '.join(absent)} not written")
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    retired = folder / f".{anchor.name}.old-{os.getpid()}"
+    retired.mkdir(exist_ok=True)
+    for name in names:
+        if (folder / name).exists() or (folder / name).is_symlink():
+            (folder / name).rename(retired / name)
+    for name in names:
+        (staging / name).rename(folder / name)
+    shutil.rmtree(retired, ignore_errors=True)
+    staging.rmdir()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -113,6 +142,53 @@ def remove_abandoned(final: Path) -> list[Path]:
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
     return removed
+
+
+def fsync_tree(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders themselves, to the disk: after a power cut
+    a renamed-into-place folder then holds what was written, not empty or torn files."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    for path in [folder, *sorted(p for p in folder.rglob("*") if p.is_dir())]:
+        fsync_dir(path)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Flush a folder's entries (names created, renamed or removed in it) to the disk."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a folder and everything in it; when it is a symbolic link or a mount point (a user
+    putting checkpoints on another disk), only its contents go and the link or mount stays."""
+    if not folder.is_symlink() and not os.path.ismount(folder):
+        shutil.rmtree(folder)
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite a safetensors file with its header's keys sorted. safetensors writes the metadata in
+    hash-map order, which changes from run to run: the same tensors and metadata would otherwise
+    give different bytes, and DVC would see a new output (and re-run what follows) every time."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(size))
+        body = handle.read()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # the tensor data starts 8-byte aligned, as safetensors writes it
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little") + text + body)
 
 
 def write_atomic(path: Path, data: bytes | str) -> None:

@@ -23,6 +23,8 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, T5Config, T5EncoderModel, T5Tokenizer
 
+from artmaster.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -168,9 +170,24 @@ def pipeline_source(model_cfg: DictConfig) -> str:
     raise ValueError(f"model profile {model_cfg.profile!r} names neither `path` nor `repo_id`")
 
 
+class WeightsMissing(ConfigError, FileNotFoundError):
+    """The model's weights are not on this machine (nothing downloads): one line saying how to get them."""
+
+
+def not_in_cache(model_cfg: DictConfig) -> WeightsMissing:
+    return WeightsMissing(
+        f"{model_cfg.repo_id} at revision {model_cfg.revision} is not in the Hugging Face cache: download it "
+        f"once (`hf download {model_cfg.repo_id} --revision {model_cfg.revision}`) or set model.path "
+        "to a local pipeline folder"
+    )
+
+
 def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
     """The one loader: `flux_dev_random` builds, every other profile reads saved weights; on CUDA
-    with `model.compile` the transformer's blocks are compiled (lazily, on first use)."""
+    with `model.compile` the transformer's blocks are compiled (lazily, on first use). Weights not
+    on this machine are a WeightsMissing error saying how to get them."""
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
     if model_cfg.profile == "flux_dev_random":
         pipe = build_random_pipeline(model_cfg)
         maybe_compile(pipe.transformer, model_cfg)
@@ -178,14 +195,17 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
     source = pipeline_source(model_cfg)
     if model_cfg.path and not Path(source).is_dir():
         hint = " (run `artmaster base` first)" if model_cfg.profile == "tiny" else ""
-        raise FileNotFoundError(f"model folder {source} does not exist{hint}")
-    pipe = FluxPipeline.from_pretrained(
-        source,
-        revision=model_cfg.revision,
-        dtype=DTYPES[model_cfg.dtype],
-        local_files_only=bool(model_cfg.local_files_only),
-        use_safetensors=True,
-    )
+        raise WeightsMissing(f"model folder {source} does not exist{hint}")
+    try:
+        pipe = FluxPipeline.from_pretrained(
+            source,
+            revision=model_cfg.revision,
+            dtype=DTYPES[model_cfg.dtype],
+            local_files_only=bool(model_cfg.local_files_only),
+            use_safetensors=True,
+        )
+    except LocalEntryNotFoundError:
+        raise not_in_cache(model_cfg) from None
     pipe = pipe.to(resolve_device(model_cfg))
     maybe_compile(pipe.transformer, model_cfg)
     return pipe

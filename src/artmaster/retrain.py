@@ -311,12 +311,12 @@ def _loop_summary(metrics: dict) -> dict:
 def _write_sum(cfg: DictConfig, first: Path, second: Path, target: Path, summary: dict, note: str) -> None:
     """target = the plain LoRA `first` + `second` (concatenated, exact), with its model card."""
     from artmaster.adalora import concat_loras, read_lora, save_lora
-    from artmaster.train import _base_model_name, _recipe
+    from artmaster.train import _base_model_name, _recipe, lora_metrics
 
     out_features = linear_out_features(cfg.model)
     total = concat_loras([read_lora(first), read_lora(second)], out_features)
     ranks = dict(total.ranks)
-    metrics = {k: v for k, v in summary.items() if isinstance(v, (int, float))}
+    metrics = lora_metrics(summary)
     metrics.update(rank_total=sum(ranks.values()), rank_modules=len(ranks))
     base_model = _base_model_name(cfg.model)
     with staged_dir(target) as staging:

@@ -34,10 +34,9 @@ class SweepTracking(Callback):
             return
         import mlflow
 
-        from artmaster.tracking import check_store, experiment_id_for, tracking_uri
+        from artmaster.tracking import connect, experiment_id_for
 
-        check_store(tracking_uri(config), float(config.tracking.get("timeout_s") or 10))
-        mlflow.set_tracking_uri(tracking_uri(config))
+        connect(config)
         self.sweep_dir = Path(config.hydra.sweep.dir)
         task = list(config.hydra.overrides.task)
         overrides = " ".join(task)

@@ -7,6 +7,7 @@ so ``mlflow ui`` run from the repo root shows every stage, sweep and experiment.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -21,6 +22,10 @@ from artmaster.config import ConfigError, params_hash, project_root, store_root
 
 # The pipeline runs offline: MLflow sends no usage telemetry unless MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+# MLflow's HTTP request bounds as the user's environment set them (they win over tracking.*)
+_USER_HTTP_BOUNDS = {name: os.environ.get(name)
+                     for name in ("MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES")}
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -66,15 +71,35 @@ EXPERIMENT_TAGS = {
 
 
 def experiment_id_for(mlflow, cfg: DictConfig) -> str:
+    """The experiment's id, created with its artifacts in `tracking.artifact_dir` of this workspace.
+    An experiment of a SQLite store whose artifacts lie elsewhere on disk (the workspace was moved
+    or copied with its mlflow.db) is pointed back at this workspace's folder, said on stderr, so
+    new runs never write into the other place; older runs keep theirs."""
     name = cfg.tracking.experiment_name
+    artifacts = (store_root() / cfg.tracking.artifact_dir).resolve().as_uri()
     found = mlflow.get_experiment_by_name(name)
-    if found is not None:
-        missing = {k: v for k, v in EXPERIMENT_TAGS.items() if found.tags.get(k) != v}
-        for key, value in missing.items():  # a store made before these tags existed
-            mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
-        return found.experiment_id
-    artifacts = (store_root() / cfg.tracking.artifact_dir).resolve()
-    return mlflow.create_experiment(name, artifact_location=artifacts.as_uri(), tags=EXPERIMENT_TAGS)
+    if found is None:
+        return mlflow.create_experiment(name, artifact_location=artifacts, tags=EXPERIMENT_TAGS)
+    missing = {k: v for k, v in EXPERIMENT_TAGS.items() if found.tags.get(k) != v}
+    for key, value in missing.items():  # a store made before these tags existed
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, key, value)
+    uri = tracking_uri(cfg)
+    stored = str(found.artifact_location)
+    if stored != artifacts and stored.startswith("file:") and uri.startswith("sqlite:///"):
+        import sqlite3
+
+        with sqlite3.connect(_sqlite_file(uri)) as connection:  # MLflow has no call that moves it
+            connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                                (artifacts, found.experiment_id))
+        print(f"tracking: experiment {name!r} kept its artifacts in {stored} (workspace moved or copied?); "
+              f"its new runs keep them in {artifacts}", file=sys.stderr)
+    return found.experiment_id
+
+
+def _sqlite_file(uri: str) -> Path:
+    from urllib.parse import unquote
+
+    return Path(unquote(uri[len("sqlite:///"):].split("?")[0]))
 
 
 # --- what a run is called and says --------------------------------------------------------------
@@ -205,23 +230,58 @@ def _unavailable(uri: str, reason: str) -> TrackingUnavailable:
     )
 
 
+def bound_http_requests(timeout: float, retries: int) -> None:
+    """Every MLflow HTTP request waits at most `timeout` s (rounded up to whole seconds, as MLflow
+    reads it) and is retried `retries` times: MLflow's own defaults, 120 s and 7 retries with
+    exponential backoff, let a server that accepts connections but never answers hang a stage for
+    many minutes. MLFLOW_HTTP_REQUEST_TIMEOUT / _MAX_RETRIES set in the environment win."""
+    values = {"MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout))),
+              "MLFLOW_HTTP_REQUEST_MAX_RETRIES": str(int(retries))}
+    for name, value in values.items():
+        if _USER_HTTP_BOUNDS[name] is None:
+            os.environ[name] = value
+
+
+def _check_server(uri: str, timeout: float) -> None:
+    """An http(s) server must accept a connection and answer a request (any status) within `timeout` s."""
+    import http.client
+    import ssl
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
+    if parsed.scheme == "https":  # only whether it answers is checked here; MLflow verifies certificates
+        connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=ssl._create_unverified_context())
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        try:
+            connection.connect()
+        except OSError as error:
+            raise _unavailable(uri, f"no server answers at {host}:{port} within {timeout:g} s ({error})") from None
+        try:
+            connection.request("GET", parsed.path.rstrip("/") + "/health")
+            connection.getresponse().read()
+        except (OSError, http.client.HTTPException) as error:
+            raise _unavailable(uri, f"the server at {host}:{port} accepts connections but sends no answer within "
+                                    f"{timeout:g} s ({type(error).__name__}: {error})") from None
+    finally:
+        connection.close()
+
+
 def check_store(uri: str, timeout: float) -> None:
     """Fail fast (TrackingUnavailable) when the store cannot take a run: an http(s) server must
-    accept a connection within `timeout` s; a SQLite file must take a write lock within `timeout` s
-    (or, when it does not exist yet, its folder must be writable). Other schemes are left to MLflow."""
-    import socket
+    accept a connection and answer within `timeout` s; a SQLite file must take a write lock within
+    `timeout` s and a write (rolled back: a read-only file fails here, not in MLflow's long log), or,
+    when it does not exist yet, its folder must be writable. Other schemes are left to MLflow."""
     import sqlite3
-    from urllib.parse import unquote, urlparse
+    from urllib.parse import urlparse
 
     parsed = urlparse(uri)
     if parsed.scheme in ("http", "https"):
-        host, port = parsed.hostname, parsed.port or (443 if parsed.scheme == "https" else 80)
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-        except OSError as error:
-            raise _unavailable(uri, f"no server answers at {host}:{port} within {timeout:g} s ({error})") from None
+        _check_server(uri, timeout)
     elif parsed.scheme == "sqlite" and uri.startswith("sqlite:///"):
-        path = Path(unquote(uri[len("sqlite:///"):].split("?")[0]))
+        path = _sqlite_file(uri)
         if not path.exists():
             folder = path.parent if str(path.parent) else Path(".")
             if not folder.is_dir() or not os.access(folder, os.W_OK):
@@ -230,13 +290,32 @@ def check_store(uri: str, timeout: float) -> None:
         try:
             connection = sqlite3.connect(str(path), timeout=timeout)
             try:
-                connection.execute("BEGIN IMMEDIATE")  # a write lock, as MLflow needs; released at once
+                connection.execute("BEGIN IMMEDIATE")  # a write lock, as MLflow needs
+                connection.execute("CREATE TABLE artmaster_write_probe (x)")  # and a write; both rolled back
                 connection.rollback()
             finally:
                 connection.close()
         except sqlite3.Error as error:
-            hint = f"locked by another process for over {timeout:g} s" if "locked" in str(error) else "not usable"
+            if "locked" in str(error):
+                hint = f"locked by another process for over {timeout:g} s"
+            elif "readonly" in str(error) or "unable to open" in str(error):
+                hint = "read-only (make the file and its folder writable)"
+            else:
+                hint = "not usable"
             raise _unavailable(uri, f"SQLite file {path} is {hint} ({error})") from None
+
+
+def connect(cfg: DictConfig) -> str:
+    """Point MLflow at the configured store once it is checked (`check_store`), with every HTTP
+    request bounded by `tracking.timeout_s` and `tracking.retries`; returns its URI."""
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    timeout = float(cfg.tracking.get("timeout_s") or 10)
+    bound_http_requests(timeout, int(cfg.tracking.get("retries", 2)))
+    check_store(uri, timeout)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 _LOGGERS = ("log_metric", "log_metrics", "log_param", "log_params", "log_artifact", "log_artifacts",
@@ -281,8 +360,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
 
     uri = tracking_uri(cfg)
     try:
-        check_store(uri, float(cfg.tracking.get("timeout_s") or 10))
-        mlflow.set_tracking_uri(uri)
+        connect(cfg)
         experiment_id = experiment_id_for(mlflow, cfg)
         active = mlflow.start_run(run_name=run_name(stage, label), experiment_id=experiment_id,
                                   nested=mlflow.active_run() is not None)

@@ -44,9 +44,11 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
+from artmaster import checkpoints as sealing
 from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
-from artmaster.files import captioned, labelled_grid, read_jsonl, staged_dir, write_atomic
+from artmaster.files import (captioned, fsync_dir, labelled_grid, read_jsonl, remove_folder, replace_together,
+                             sort_safetensors_header, staged_dir, write_atomic)
 from artmaster.tracking import child_run, log_summary, stage_run
 
 log = logging.getLogger(__name__)
@@ -215,25 +217,44 @@ def encode_image(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     return posterior.mean[0], posterior.std[0]
 
 
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """Content hash of named tensors: names, dtypes, shapes and bytes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _read_cached(path: Path, expected_id: str) -> dict[str, torch.Tensor] | None:
+    """A cache entry, when it is this sample's and its tensors still hash to what was recorded
+    when it was written; anything else (torn, foreign, a flipped bit) is recomputed, never trusted."""
     if not path.is_file():
         return None
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
-            if (handle.metadata() or {}).get("sample_id") != expected_id:
-                return None
-        return load_file(str(path))
-    except Exception as error:  # a torn or foreign file is recomputed, never trusted
-        log.warning("train: ignoring unreadable cache file %s (%s)", path, error)
+            recorded = handle.metadata() or {}
+        if recorded.get("sample_id") != expected_id:
+            return None
+        tensors = load_file(str(path))
+    except Exception as error:
+        log.warning("train: ignoring unreadable cache file %s (%s); recomputing it", path, error)
         return None
+    if recorded.get("sha256") != tensors_sha256(tensors):
+        log.warning("train: cache file %s does not match the hash recorded when it was written (damaged on "
+                    "disk, or written before entries were hashed); recomputing it", path)
+        return None
+    return tensors
 
 
 def _write_cached(path: Path, tensors: dict[str, torch.Tensor], sample_id: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata={"sample_id": sample_id})
+    save_file(plain, str(tmp), metadata={"sample_id": sample_id, "sha256": tensors_sha256(plain)})
+    sort_safetensors_header(tmp)
     tmp.replace(path)
 
 
@@ -762,6 +783,7 @@ def save_checkpoint(folder: Path, state: TrainingState, step: int, micro_batches
     target = folder / checkpoint_name(step)
     try:
         _write_checkpoint(target, state, step, micro_batches_done, fingerprint, history, rng_by_rank)
+        fsync_dir(folder)  # the rename into place reaches the disk too
     except OSError as error:
         raise OSError(f"train: could not write checkpoint {target} ({error}); the previous checkpoints in "
                       f"{folder} are intact") from error
@@ -792,28 +814,23 @@ def _write_checkpoint(target: Path, state: TrainingState, step: int, micro_batch
         (staging / "training_state.pt").write_bytes(buffer.getvalue())
         # the data position: the plan of batches is a pure function of the config, so the count of
         # micro-batches consumed on each rank is all a resumed run needs
-        meta = {"step": step, "micro_batches_done": micro_batches_done, "fingerprint": fingerprint,
-                "time": time.time()}
-        (staging / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        sealing.seal(staging, {"step": step, "micro_batches_done": micro_batches_done, "fingerprint": fingerprint})
 
 
 def find_resume_checkpoint(folder: Path, resume: str, fingerprint: str) -> Path | None:
-    """`auto`: the newest checkpoint of this exact recipe; `never`: none; else a given folder."""
+    """`auto`: the newest intact checkpoint of this exact recipe (damaged ones are skipped, saying
+    so); `never`: none; else a given folder, which must verify."""
     if resume == "never":
         return None
     if resume != "auto":
         path = Path(resume)
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"train.resume={resume}: no checkpoint there (expected {path / 'meta.json'})")
-        if json.loads((path / "meta.json").read_text(encoding="utf-8")).get("fingerprint") != fingerprint:
+        if sealing.read_meta(sealing.verified(path, resume)).get("fingerprint") != fingerprint:
             raise ValueError(f"train.resume={resume}: that checkpoint is of another recipe, data, validation split "
                              "or schedule than this run; resume=auto starts afresh")
         return path
-    for path in reversed(list_checkpoints(folder)):
-        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
-        if meta.get("fingerprint") == fingerprint:
-            return path
-    return None
+    return sealing.newest_intact(list_checkpoints(folder), fingerprint)
 
 
 def load_checkpoint(path: Path, state: TrainingState, rank: int) -> tuple[int, list[dict]]:
@@ -1001,8 +1018,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         stale = list_checkpoints(checkpoints)
         if stale:
             print(f"train: not resuming: the {len(stale)} checkpoint(s) in {checkpoints} are of another recipe, "
-                  "data, validation split or schedule; removed, training from step 0")
-        shutil.rmtree(checkpoints)
+                  "data, validation split or schedule, or damaged; removed, training from step 0")
+        remove_folder(checkpoints)
     vset = validation_set(encodings, sorted(held), list(settings.validation.sigmas), int(cfg.seed), state.flow, device)
     if is_main:
         _log_plan(cfg, examples, ids_by_size, total_step, len(held), start_step)
@@ -1071,8 +1088,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         metrics["extra_examples"] = len(extra)
         metrics["crops_trained"] = len(train_ids)
     _export(cfg, state, out, history, metrics, setup.note)
-    if not settings.checkpoint.keep_after_success:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    if not settings.checkpoint.keep_after_success and checkpoints.exists():
+        remove_folder(checkpoints)
     print(f"train: {total_step} steps, final loss {metrics['loss']:.4f}, "
           f"val {metrics.get('val_loss', float('nan')):.4f}, "
           f"{metrics['active_rank']} ranks kept; outputs in {out}")
@@ -1198,41 +1215,58 @@ def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, to
     return {k: v for k, v in metrics.items() if v is not None}
 
 
+# what `_export` writes into the output folder, replaced together (metrics.json, the sign of a
+# finished run, last)
+EXPORTED = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "val_loss.csv", "headline.json", "metrics.json")
+# metrics that differ from run to run of the same recipe: MLflow and metrics.json hold them, the
+# exported LoRA never (its bytes stay a function of the recipe, so DVC sees nothing new downstream)
+TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds")
+
+
+def lora_metrics(metrics: dict) -> dict:
+    """The metrics a LoRA's header and model card carry: every number but the timings."""
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in TIMINGS}
+
+
 def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict,
             note: str = "") -> None:
-    """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv."""
+    """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv: all
+    written first and then replacing the previous run's together, so a failure (e.g. every module
+    at rank 0) leaves the previous outputs whole."""
     import mlflow
 
     from artmaster.adalora import export_lora, rank_heatmap, rank_report, save_lora
 
     ema = state.ema.applied() if state.ema is not None else nullcontext()
-    with ema:
-        with staged_dir(out / "adapter") as staging:
-            state.adapter.save_pretrained(str(staging))
-        exported = export_lora(state.adapter)
-    ranks = rank_report(exported)
-    metrics.update(rank_total=sum(ranks.values()), rank_min=min(ranks.values()), rank_max=max(ranks.values()),
-                   rank_modules=len(ranks))
-    base_model = _base_model_name(cfg.model)
-    with staged_dir(out / "lora") as staging:
-        files = save_lora(exported, staging, base_model=base_model, trigger=str(cfg.train.trigger),
-                          metadata={"recipe": _recipe(cfg), "metrics": metrics},
+    with replace_together(out, EXPORTED) as staging:
+        with ema:
+            state.adapter.save_pretrained(str(staging / "adapter"))
+            exported = export_lora(state.adapter)
+        ranks = rank_report(exported)
+        metrics.update(rank_total=sum(ranks.values()), rank_min=min(ranks.values()),
+                       rank_max=max(ranks.values()), rank_modules=len(ranks))
+        base_model = _base_model_name(cfg.model)
+        files = save_lora(exported, staging / "lora", base_model=base_model, trigger=str(cfg.train.trigger),
+                          metadata={"recipe": _recipe(cfg), "metrics": lora_metrics(metrics)},
                           dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
-        card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()}, note)
-        (staging / "README.md").write_text(card, encoding="utf-8")
-    write_atomic(out / "ranks.json", json.dumps(ranks, indent=2))
-    rank_heatmap(ranks, out / "ranks.png")
-    buffer = io.StringIO()
-    columns = ["step", "loss", "mse", "orthogonal", "grad_norm", "lr", "rank_budget", "active_rank"]
-    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(row for row in history if "loss" in row)
-    write_atomic(out / "loss.csv", buffer.getvalue())
-    validation = "".join(f"{row['step']},{row['val_loss']}\n" for row in history if "val_loss" in row)
-    write_atomic(out / "val_loss.csv", "step,val_loss\n" + validation)  # plotted with loss.csv by dvc.yaml
-    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
-    log_summary(headline(metrics), details=metrics, folder=out,
-                note=f"{metrics['steps']} optimizer steps on {metrics['examples']} crops; adapter in `{out / 'lora'}`.")
+        card = model_card(cfg, base_model, ranks, lora_metrics(metrics), {k: Path(v).name for k, v in files.items()},
+                          note)
+        (staging / "lora" / "README.md").write_text(card, encoding="utf-8")
+        (staging / "ranks.json").write_text(json.dumps(ranks, indent=2), encoding="utf-8")
+        rank_heatmap(ranks, staging / "ranks.png")
+        buffer = io.StringIO()
+        columns = ["step", "loss", "mse", "orthogonal", "grad_norm", "lr", "rank_budget", "active_rank"]
+        writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(row for row in history if "loss" in row)
+        (staging / "loss.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        validation = "".join(f"{row['step']},{row['val_loss']}\n" for row in history if "val_loss" in row)
+        # plotted with loss.csv by dvc.yaml
+        (staging / "val_loss.csv").write_text("step,val_loss\n" + validation, encoding="utf-8")
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        log_summary(headline(metrics), details=metrics, folder=staging,  # headline.json
+                    note=f"{metrics['steps']} optimizer steps on {metrics['examples']} crops; adapter in "
+                         f"`{out / 'lora'}`.")
     for name in ("adapter", "lora"):
         mlflow.log_artifacts(str(out / name), artifact_path=name)
     for name in ("ranks.json", "ranks.png", "metrics.json", "loss.csv", "val_loss.csv"):
