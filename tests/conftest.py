@@ -9,7 +9,15 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
 
+from artmaster import runtime
 from artmaster.config import compose
+
+
+@pytest.fixture(scope="session", autouse=True)
+def stage_runtime():
+    """The `runtime` settings every stage applies on start (torch threads, deterministic ops), so
+    a stage function called here computes what the same stage launched as a command computes."""
+    runtime.apply(compose().runtime)
 
 
 @pytest.fixture

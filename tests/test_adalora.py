@@ -19,9 +19,10 @@ from artmaster.config import compose, conf_dir
 from artmaster.flux_math import guidance_vector, latent_image_ids, predict_velocity, text_ids
 
 TOTAL_STEPS = 10  # tinit 1, final mask at step 7 (tfinal 3), masks at steps 2, 4, 6, re-masks 8-10
-# pinned so the expectations below hold whatever the recipe in conf/ says
+# pinned so the expectations below hold whatever the recipe in conf/ says; the two importance
+# betas differ so that an allocator which swapped them would not match peft's
 SETTINGS = {"tinit_fraction": 0.1, "tfinal_fraction": 0.3, "delta_t": 2, "init_r": 12, "target_r": 8,
-            "target_modules": "attention_mlp"}
+            "target_modules": "attention_mlp", "beta1": 0.85, "beta2": 0.6}
 
 
 @pytest.fixture(autouse=True)

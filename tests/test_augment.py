@@ -174,7 +174,7 @@ def test_two_processes_share_the_samples_and_write_what_one_process_writes(cfg_f
 
     done = accelerate_launch("artmaster.augment", [
         f"paths.data_dir={cfg.paths.data_dir}", f"tracking.uri={cfg.tracking.uri}",
-        f"tracking.artifact_dir={cfg.tracking.artifact_dir}", *FAST,
+        f"tracking.artifact_dir={cfg.tracking.artifact_dir}", "replicates.count=1", *FAST,
         "augment.filter.margin=-1000", "augment.filter.near_copy_distance=0",
     ])
     assert done.returncode == 0, done.stderr[-3000:]

@@ -93,6 +93,48 @@ def test_training_steps_are_deterministic_given_the_seed(make_cfg):
     assert torch.all(logvar == cfg.base.vae.posterior_logvar)
 
 
+def _flat_colour_error(make_cfg, groups: int) -> float:
+    """Train a two-level VAE (16-channel blocks, `groups` GroupNorm groups) briefly on 32 px
+    patches of flat colours, then reconstruct 128 px patches of new colours: the mean error in
+    their centres, as a share of the colours' spread (1.0: the colour is not carried at all)."""
+    cfg = make_cfg(
+        "model.architecture.vae.block_out_channels=[16,16]",
+        "model.architecture.vae.down_block_types=[DownEncoderBlock2D,DownEncoderBlock2D]",
+        "model.architecture.vae.up_block_types=[UpDecoderBlock2D,UpDecoderBlock2D]",
+        "model.architecture.vae.latent_channels=4", f"model.architecture.vae.norm_num_groups={groups}",
+        "base.vae.steps=150", "base.vae.crop=16", "base.vae.batch_size=8", "base.vae.warmup_steps=5",
+    )
+    colours = torch.rand(64, 3, 1, 1, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    train, test = colours[:48].expand(-1, 3, 32, 32), colours[48:].expand(-1, 3, 128, 128)
+    vae = build_random_pipeline(cfg.model, with_text_encoders=False).vae
+    mlflow.set_tracking_uri(cfg.tracking.uri)
+    with mlflow.start_run():
+        base.train_vae(vae, list(train), cfg.base.vae, torch.Generator().manual_seed(0))
+        recon = base.reconstruct(vae, test.contiguous(), 16)
+    centre = (slice(None), slice(None), slice(32, 96), slice(32, 96))
+    spread = (test - test.mean(0)).abs().mean()
+    return float((recon[centre] - test[centre]).abs().mean() / spread)
+
+
+def test_vae_carries_colour_only_with_several_channels_per_groupnorm_group(make_cfg):
+    # one channel per group (the old tiny profile: 32 groups on 32 channels) normalises each
+    # feature map on its own: flat colours come back as one grey, whatever the input
+    assert _flat_colour_error(make_cfg, groups=16) > 0.75
+    assert _flat_colour_error(make_cfg, groups=4) < 0.65
+
+
+def test_vae_groups_that_erase_colour_are_refused(make_cfg):
+    cfg = make_cfg("model.architecture.vae.norm_num_groups=32")
+    with pytest.raises(ValueError, match="one channel per GroupNorm group.*at most 16 groups"):
+        base.check_vae_groups(cfg.model.architecture.vae)
+    with pytest.raises(ValueError, match="does not divide"):
+        base.check_vae_groups(make_cfg("model.architecture.vae.norm_num_groups=12").model.architecture.vae)
+    base.check_vae_groups(make_cfg().model.architecture.vae)  # the shipped profile passes
+    with pytest.raises(ValueError, match="norm_num_groups=32"):
+        base.run(cfg)
+    assert not (Path(cfg.paths.data_dir) / "base").exists()
+
+
 def test_latent_statistics_normalise_the_corpus_latents():
     generator = torch.Generator().manual_seed(0)
     mean = 0.7 + 2.5 * torch.randn(64, 16, 4, 4, generator=generator)

@@ -19,6 +19,7 @@ from artmaster.critic import (
     parse_edits,
 )
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.metrics.features import WEIGHT_FREE_BLOCKS
 from artmaster.painter import STYLES, paint
 from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
 
@@ -147,7 +148,7 @@ def test_style_critic_marks_the_region_painted_in_another_style(make_cfg, painte
     assert len(edits) == 1
     assert edits[0].box == (96, 0, 192, 96)
     block = edits[0].reason.split()[0]
-    assert block in {"palette", "tonal_range", "ink_texture", "brushwork"}
+    assert block in WEIGHT_FREE_BLOCKS
     assert edits[0].local_prompt.startswith(f"zxh style, {critic.phrases[block]}")
     assert "mist" in edits[0].local_prompt  # the captions' most frequent word
 

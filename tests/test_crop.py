@@ -75,7 +75,7 @@ def cropped(tmp_path_factory, tracking_root):
     (images / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     paint(STYLES["zeng_xiaohu"], 700, 800, 5).save(images / "bare.png", compress_level=0)  # no mount
     scan(STYLES["zeng_xiaohu"], 420, 600, 6).save(images / "tiny.png", compress_level=0)  # < every bucket
-    cfg = _cfg(data, tracking_root)
+    cfg = _cfg(data, tracking_root, "data.holdout.scans=2")
     result = crop.run(cfg)
     rows = crop.read_jsonl(data / "crop" / "crops.jsonl")
     return {"root": root, "cfg": cfg, "result": result, "rows": rows, "truth": truth}

@@ -20,16 +20,16 @@ SMALL = [
 ]
 
 
-def test_default_plan_is_a_dozen_big_mixed_scans():
+def test_default_plan_is_fourteen_big_mixed_scans():
     items = plan(compose().data.demo)
-    assert len(items) == 12
+    assert len(items) == 14
     assert min(max(item.width, item.height) for item in items) >= 2000
     assert {item.width > item.height for item in items} == {True, False}  # landscape and portrait
     assert {item.fmt for item in items} == {"jpeg", "png", "tiff16"}
     assert [item.exif_orientation for item in items if item.exif_orientation] == [6]
     assert sum(item.caption is not None for item in items) == 3
     assert sum(item.path.startswith("卷轴/") for item in items) == 4
-    assert len({item.path for item in items}) == 12 and len({item.seed for item in items}) == 12
+    assert len({item.path for item in items}) == 14 and len({item.seed for item in items}) == 14
 
 
 @pytest.mark.parametrize(

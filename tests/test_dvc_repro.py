@@ -42,7 +42,8 @@ def workspace(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / name, repo / name)
     demo = repo / "conf" / "data" / "demo.yaml"
     text = demo.read_text(encoding="utf-8")
-    for key, value in {"count": "4", "in_subfolder": "1", "min_long_side": "1600", "max_long_side": "1800"}.items():
+    smaller = {"scans": "1", "count": "4", "in_subfolder": "1", "min_long_side": "1600", "max_long_side": "1800"}
+    for key, value in smaller.items():
         text, count = re.subn(rf"(?m)^  {key}:\s*\S+", f"  {key}: {value}", text, count=1)
         assert count == 1, key
     demo.write_text(text, encoding="utf-8")

@@ -50,3 +50,20 @@ def test_local_tokenizers_keep_vocabulary_words_whole():
     _, t5 = local_tokenizers()
     tokens = t5.convert_ids_to_tokens(t5("zxh style emerald mist").input_ids)
     assert tokens[:4] == ["\u2581zxh", "\u2581style", "\u2581emerald", "\u2581mist"]
+
+
+def test_template_caption_words_are_whole_tokens_and_sample_prompts_fit_the_sequence_length():
+    # a word missing from the vocabulary is spelled out a token per letter, which pushed the
+    # palette words of the captions past max_sequence_length (cut off: the base never saw them)
+    from artmaster.config import compose
+
+    cfg = compose()
+    _, t5 = local_tokenizers()
+    template = cfg.caption.template
+    phrases = [value for section in (template.content, template.palette, template.tone, template.composition)
+               for key, value in section.items() if key.endswith("_phrase")]
+    text = " ".join([cfg.caption.trigger, *phrases, *template.palette.prototypes]).replace("{colours}", "")
+    for word in text.replace(",", " ").split():
+        assert t5.convert_ids_to_tokens(t5(word, add_special_tokens=False).input_ids) == ["\u2581" + word], word
+    for prompt in cfg.base.samples.prompts:
+        assert len(t5(prompt).input_ids) <= cfg.model.max_sequence_length, prompt

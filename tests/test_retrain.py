@@ -29,7 +29,7 @@ TINY = (
     "train.epochs=2", "train.repeats=2", "train.batch_size=2", "train.log_every=1",
     "train.checkpoint.every=100", "train.samples.prompts=[]", "train.validation.every=0",
     "train.adalora.delta_t=1", "train.validation.num_samples=2",
-    "retrain.recipe.epochs=1", "retrain.recipe.repeats=1", "retrain.refined_repeats=2",
+    "retrain.recipe.epochs=1", "retrain.recipe.repeats=1", "retrain.refined_repeats=2", "replicates.count=1",
 )
 PROMPTS = ["zxh style, a river winding through a deep gorge", "zxh style, steep peaks above a valley village"]
 

@@ -65,7 +65,7 @@ FAST = (
     "train.checkpoint.every=4", "train.checkpoint.keep=2", "train.checkpoint.keep_after_success=true",
     "train.validation.every=6", "train.samples.every=12", "train.samples.seeds=[0]",
     "train.samples.width=64", "train.samples.height=64", "train.samples.steps=2",
-    "train.adalora.delta_t=2",
+    "train.adalora.delta_t=2", "replicates.count=1",
 )
 
 
@@ -263,6 +263,18 @@ def test_killed_run_resumes_to_the_bitwise_same_adapter(reference, assets, tmp_p
     lora, lora_ref = (load_file(o / "lora" / "pytorch_lora_weights.safetensors") for o in (out, out_ref))
     assert lora.keys() == lora_ref.keys() and all(torch.equal(lora[k], lora_ref[k]) for k in lora)
     assert metrics["loss"] == metrics_ref["loss"]
+
+
+def test_replicates_train_the_recipe_again_with_the_next_seeds(reference, assets, tmp_path):
+    _, metrics_ref, out_ref = reference
+    train.run(make_run_cfg(assets, tmp_path, "replicates.count=2"))
+    out = tmp_path / "data" / "train"
+    weights = "lora/pytorch_lora_weights.safetensors"
+    product, product_ref, second = (load_file(o / weights) for o in (out, out_ref, out / "replicates" / "seed_1"))
+    assert all(torch.equal(product[k], product_ref[k]) for k in product_ref), "replicate 0 is the usual run"
+    assert second.keys() == product.keys()
+    assert not all(torch.equal(second[k], product[k]) for k in product), "replicate 1 trains with seed 1"
+    assert json.loads((out / "replicates" / "seed_1" / "metrics.json").read_text())["loss"] != metrics_ref["loss"]
 
 
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):

@@ -205,9 +205,6 @@ def test_augment_killed_with_sigkill_redoes_only_the_unfinished_samples(upstream
 
 # --- issue 15: damaged checkpoints and cache entries, a failing export, place-free outputs ---------
 
-# one training run (no seed replicates): these tests count the steps and encodings of that run
-ONE_RUN = ("replicates.count=1",)
-
 
 def _flip_bit(path: Path, tensor: str) -> None:
     """Flip one exponent bit in the first value of the first tensor whose name contains `tensor`,
@@ -224,7 +221,7 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_int
     reference, assets, tmp_path, monkeypatch, capsys  # noqa: F811
 ):
     _, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    cfg = make_run_cfg(assets, tmp_path)
     killed_at_step(cfg, monkeypatch, 9)  # after the checkpoint of step 8
     out = tmp_path / "data" / "train"
     newest = out / "checkpoints" / "step-000008"
@@ -243,14 +240,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_int
 
     _flip_bit(out / "checkpoints" / "step-000012" / "adapter.safetensors", ".lora_B.")
     with pytest.raises(ConfigError, match=r"train\.resume=.*step-000012: .*adapter\.safetensors does not match"):
-        train.run(make_run_cfg(assets, tmp_path, *ONE_RUN, f"train.resume={out / 'checkpoints' / 'step-000012'}"))
+        train.run(make_run_cfg(assets, tmp_path, f"train.resume={out / 'checkpoints' / 'step-000012'}"))
 
 
 def test_a_flipped_bit_in_a_cached_latent_is_detected_and_the_entry_recomputed(
     reference, assets, tmp_path, monkeypatch, caplog  # noqa: F811
 ):
     _, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    cfg = make_run_cfg(assets, tmp_path)
     out = tmp_path / "data" / "train"
     shutil.copytree(out_ref / "cache", out / "cache")
     damaged = sorted(path for path in (out / "cache").glob("*.safetensors") if "latent_mean" in load_file(path))
@@ -271,7 +268,7 @@ def test_a_failing_export_leaves_the_previous_outputs_whole(reference, assets, t
     from artmaster import adalora
 
     _, _, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN)
+    cfg = make_run_cfg(assets, tmp_path)
     out = tmp_path / "data" / "train"
     shutil.copytree(out_ref, out)  # a finished run; its checkpoints make the re-run go straight to the export
     (out / "adapter" / "from_the_previous_run.txt").write_text("previous")
@@ -317,7 +314,7 @@ def test_a_checkpoints_folder_that_is_a_symbolic_link_is_emptied_and_kept(assets
     out = tmp_path / "data" / "train"
     out.mkdir(parents=True)
     (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
-    cfg = make_run_cfg(assets, tmp_path, *ONE_RUN, "train.epochs=1", "train.checkpoint.keep_after_success=false")
+    cfg = make_run_cfg(assets, tmp_path, "train.epochs=1", "train.checkpoint.keep_after_success=false")
     train.run(cfg)
     assert (out / "checkpoints").is_symlink() and elsewhere.is_dir()
     assert list(elsewhere.iterdir()) == []  # the stale checkpoint and this run's, gone after the export

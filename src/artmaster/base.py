@@ -193,7 +193,8 @@ def train_vae(vae, images: list[torch.Tensor], settings: DictConfig, generator: 
         # the base model's generations and an adapter's palette shift are judged by
         coarse_recon, coarse_batch = F.avg_pool2d(recon, settings.coarse_pool), F.avg_pool2d(batch, settings.coarse_pool)
         coarse = (coarse_recon - coarse_batch).abs().mean()
-        chroma = (chroma_channels(coarse_recon) - chroma_channels(coarse_batch)).abs().mean()
+        chroma_recon, chroma_batch = F.avg_pool2d(recon, settings.chroma_pool), F.avg_pool2d(batch, settings.chroma_pool)
+        chroma = (chroma_channels(chroma_recon) - chroma_channels(chroma_batch)).abs().mean()
         loss = (l1 + settings.mse_weight * mse + settings.coarse_weight * coarse + settings.chroma_weight * chroma
                 + settings.kl_weight * kl)
         optimizer.zero_grad(set_to_none=True)
@@ -309,6 +310,41 @@ def _tail_mean(values: list[float], share: float = 0.1) -> float:
 # --- tiny profile ------------------------------------------------------------------------------
 
 
+class PhaseClock:
+    """Wall and CPU seconds (all threads of this process) of consecutive phases. On a shared
+    machine the wall time grows with the other processes' load; the CPU time much less."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self._start = (time.perf_counter(), time.process_time())
+
+    def lap(self, phase: str) -> None:
+        """Close `phase` (the time since the previous lap) and start the next."""
+        now = (time.perf_counter(), time.process_time())
+        self.wall[phase], self.cpu[phase] = now[0] - self._start[0], now[1] - self._start[1]
+        self._start = now
+
+
+def check_vae_groups(vae_arch: DictConfig) -> None:
+    """ValueError unless every GroupNorm of the VAE normalises groups of at least two channels.
+
+    With one channel per group, each feature map is shifted to mean 0 and scaled to std 1 on its
+    own at every norm layer: an image's mean colour and brightness are erased (only image borders
+    leak some back), and the VAE reconstructs every painting in the same grey-blue.
+    """
+    groups, channels = vae_arch.norm_num_groups, list(vae_arch.block_out_channels)
+    if any(width % groups for width in channels):
+        raise ValueError(f"model.architecture.vae.norm_num_groups={groups} does not divide every block of "
+                         f"block_out_channels={channels}")
+    narrowest = min(channels)
+    if narrowest // groups < 2:
+        raise ValueError(f"model.architecture.vae.norm_num_groups={groups} leaves one channel per GroupNorm group "
+                         f"in the {narrowest}-channel blocks: every channel is normalised on its own and the VAE "
+                         f"cannot carry an image's colour (reconstructions come out grey); use at most "
+                         f"{narrowest // 2} groups")
+
+
 def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
     """Paint and caption the corpus, train the VAE, cache latents, train the transformer, save."""
     import mlflow
@@ -316,27 +352,19 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
     from artmaster.models import build_random_pipeline
 
     settings = cfg.base
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
+    check_vae_groups(cfg.model.architecture.vae)
+    clock = PhaseClock()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
 
     corpus = build_corpus(settings.corpus, cfg.caption)
     heldout = heldout_paintings(settings.corpus)
-    seconds["corpus"] = time.perf_counter() - clock
+    clock.lap("corpus")
 
-    clock = time.perf_counter()
-    vae_arch = cfg.model.architecture.vae
-    if min(vae_arch.block_out_channels) <= vae_arch.norm_num_groups:
-        log.warning("base: model.architecture.vae.norm_num_groups=%d leaves one channel per GroupNorm group "
-                    "in %d-channel blocks: every channel is normalised on its own, and the VAE cannot carry an "
-                    "image's colour (reconstructions come out grey); use fewer groups (e.g. 8)",
-                    vae_arch.norm_num_groups, min(vae_arch.block_out_channels))
     pipe = build_random_pipeline(cfg.model)
     vae_losses = train_vae(pipe.vae, [to_tensor(item.image) for item in corpus], settings.vae, generator)
-    seconds["vae"] = time.perf_counter() - clock
+    clock.lap("vae")
 
-    clock = time.perf_counter()
     captions = sorted({item.caption for item in corpus})
     caption_row = {caption: row for row, caption in enumerate(captions)}
     text = encode_prompts(pipe, captions, cfg.model.max_sequence_length)
@@ -353,14 +381,12 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
         buckets.append(LatentBucket(size, mean, std, rows))
     shift, scale = latent_statistics(buckets, generator)
     pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-    seconds["latents"] = time.perf_counter() - clock
+    clock.lap("latents")
 
-    clock = time.perf_counter()
     flow_losses = train_transformer(pipe.transformer, buckets, embeds, pooled, pipe.vae.config,
                                     settings.transformer, generator)
-    seconds["transformer"] = time.perf_counter() - clock
+    clock.lap("transformer")
 
-    clock = time.perf_counter()
     recon_metrics = write_reconstruction(pipe.vae, corpus, heldout, settings, staging / "reconstruction.png")
     samples = settings.samples
     prompts = [prompt for prompt in samples.prompts for _ in samples.seeds]
@@ -373,7 +399,7 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
     labels = [f"prompt {row} seed {seed}" for row in range(len(samples.prompts)) for seed in samples.seeds]
     image_grid(images, len(samples.seeds), labels).save(staging / "samples.png")
     pipe.save_pretrained(staging / "pipeline", safe_serialization=True)
-    seconds["samples_and_save"] = time.perf_counter() - clock
+    clock.lap("samples_and_save")
 
     metrics = {
         **recon_metrics,
@@ -383,7 +409,8 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
         "latent_scale": scale,
         "corpus_images": len(corpus),
         "corpus_captions": len(captions),
-        **{f"seconds_{phase}": round(value, 2) for phase, value in seconds.items()},
+        **{f"seconds_{phase}": round(value, 2) for phase, value in clock.wall.items()},
+        **{f"cpu_seconds_{phase}": round(value, 2) for phase, value in clock.cpu.items()},
     }
     mlflow.log_text("\n".join(captions), "corpus_captions.txt")
     mlflow.log_text("\n".join(f"prompt {row}: {prompt}" for row, prompt in enumerate(samples.prompts)),

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Whole-word pieces for the locally built T5 tokenizer: the words our captions and prompts use.
-# Anything else still tokenizes, character by character.
+# Anything else still tokenizes, character by character (a word spelled out costs a token per
+# letter, and words past model.max_sequence_length tokens are cut off).
 VOCABULARY = """
 zxh style painting landscape ink wash chinese hunan mountain mountains peak peaks ridge ridges
 gorge gorges valley valleys cliff cliffs river stream waterfall lake water mist misty fog cloud
@@ -41,6 +42,8 @@ background middle ground composition vertical horizontal portrait scroll hanging
 village house houses boat boats bridge path road rock rocks stone snow spring summer autumn winter
 evening morning dawn dusk night sky sea city street portrait person people cat dog flower flowers
 bird birds a an the of and with in on at over under by from to through above below between
+ink-wash washes rising into open deep drifting steep square monochrome tones azure vermilion brushwork
+strokes bold xiangxi rain old man sitting chair table bowl fruit after
 """.split()
 
 

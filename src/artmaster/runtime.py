@@ -10,8 +10,8 @@ a difference into another adapter, as another seed would. So:
   "Intel and compatible" processors (MKL_CBWR; a plain AVX2 branch is not honoured on AMD), and
   oneDNN's AVX2 kernels (ONEDNN_MAX_CPU_ISA). Values already in the environment win, and
   ARTMASTER_CPU_KERNELS=native keeps the machine's own kernels (faster, not portable);
-- each stage fixes torch's thread count and turns on deterministic algorithms (`apply`,
-  `runtime` config group).
+- each stage fixes the thread count of torch and of numpy's BLAS and turns on deterministic
+  algorithms (`apply`, `runtime` config group).
 docs/reproducibility.md has what this costs and what it was checked against.
 """
 
@@ -33,11 +33,14 @@ def pin_cpu_kernels() -> None:
 
 
 def apply(runtime) -> None:
-    """The `runtime` config group: torch's CPU threads and deterministic algorithms."""
+    """The `runtime` config group: the CPU threads of torch and of numpy's BLAS (the style metric's
+    matrix products), and deterministic algorithms."""
     import torch
+    from threadpoolctl import threadpool_limits
 
     if runtime.get("torch_threads"):
         torch.set_num_threads(int(runtime.torch_threads))
+        threadpool_limits(limits=int(runtime.torch_threads), user_api="blas")  # until the process ends
     if runtime.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
 
