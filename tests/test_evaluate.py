@@ -244,6 +244,15 @@ def test_paired_effects_detect_a_consistent_shift_and_not_noise():
     assert noise["p_value"] > 0.05 and not noise["significant"] and noise["ci_low"] < 0 < noise["ci_high"]
 
 
+def test_vae_bound_says_whether_the_painters_own_crops_through_the_vae_outscore_the_painted_rows():
+    rows = [evaluate.Row("base", "", False, [], scores=np.full((1, 4), -9.0)),
+            evaluate.Row("adapter", "", True, [], scores=np.full((3, 4), -8.5))]
+    bound = evaluate.vae_bound(rows, {"value": -8.4, "ci_low": -8.9, "ci_high": -7.9})
+    assert "the best painted row, adapter, -8.500: the decoder alone brings" in bound
+    assert "-8.400 [-8.900, -7.900]" in bound
+    assert "leaves room" in evaluate.vae_bound(rows, {"value": -2.0, "ci_low": -2.5, "ci_high": -1.5})
+
+
 def test_report_is_self_contained_with_every_image(evaluated):
     _, metrics, out = evaluated
     text = (out / "report" / "report.html").read_text()

@@ -382,6 +382,12 @@ def test_bootstrap_mean_interval_has_roughly_its_coverage():
 def test_roc_auc_and_leave_one_out_retrieval():
     assert stats.roc_auc([3, 4], [1, 2]) == 1.0
     assert stats.roc_auc([1, 2], [3, 4]) == 0.0
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    positive, negative = rng.integers(0, 6, 40).astype(float), rng.integers(1, 8, 30).astype(float)  # many ties
+    labels = np.r_[np.ones(40), np.zeros(30)]
+    assert stats.roc_auc(positive, negative) == pytest.approx(roc_auc_score(labels, np.r_[positive, negative]), abs=1e-12)
     assert stats.roc_auc([1, 1], [1, 1]) == 0.5
     rng = np.random.default_rng(5)
     pos, neg = rng.normal(0.5, 1, 30), rng.normal(0, 1, 40)

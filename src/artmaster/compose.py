@@ -28,4 +28,4 @@ def run(cfg: DictConfig) -> dict:
     return {"params": str(target)}
 
 
-main = hydra_entry(run)
+main = hydra_entry(run, uses_torch=False)

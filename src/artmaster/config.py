@@ -281,8 +281,9 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.paths.data_dir) / stage
 
 
-def hydra_entry(run: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """Wrap a stage's plain ``run(cfg)`` as a ``@hydra.main`` entry point over conf/config.yaml."""
+def hydra_entry(run: Callable[[DictConfig], object], uses_torch: bool = True) -> Callable[[], None]:
+    """Wrap a stage's plain ``run(cfg)`` as a ``@hydra.main`` entry point over conf/config.yaml
+    (``uses_torch=False``: a stage that never runs torch skips torch's runtime settings)."""
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
@@ -292,7 +293,7 @@ def hydra_entry(run: Callable[[DictConfig], object]) -> Callable[[], None]:
 
         try:
             validate(cfg, HydraConfig.get().overrides.task)
-            runtime.apply(cfg.runtime)
+            runtime.apply(cfg.runtime, uses_torch)
             return run(cfg)
         except ConfigError as error:  # the user's to fix: one clear line, no traceback
             print(f"artmaster: {error}", file=sys.stderr)

@@ -527,4 +527,4 @@ def run(cfg: DictConfig) -> dict:
     return {"out_dir": str(out_dir), **summary}
 
 
-main = hydra_entry(run)
+main = hydra_entry(run, uses_torch=False)

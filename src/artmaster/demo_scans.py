@@ -194,4 +194,4 @@ def run(cfg: DictConfig) -> dict:
     return {"dir": str(out_dir), "scans": [item.path for item in items]}
 
 
-main = hydra_entry(run)
+main = hydra_entry(run, uses_torch=False)

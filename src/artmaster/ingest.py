@@ -620,4 +620,4 @@ def _print_rejections(rows: list[dict]) -> None:
             print(f"  sidecar rejected: {row['source']}: {row['sidecar_error']}")
 
 
-main = hydra_entry(run)
+main = hydra_entry(run, uses_torch=False)

@@ -32,15 +32,21 @@ def pin_cpu_kernels() -> None:
         os.environ.setdefault(name, value)
 
 
-def apply(runtime) -> None:
+def apply(runtime, uses_torch: bool = True) -> None:
     """The `runtime` config group: the CPU threads of torch and of numpy's BLAS (the style metric's
-    matrix products), and deterministic algorithms."""
-    import torch
+    matrix products), and deterministic algorithms. A stage that never runs torch skips torch's
+    settings (importing torch and its deterministic mode costs about 4 s a process)."""
     from threadpoolctl import threadpool_limits
 
-    if runtime.get("torch_threads"):
-        torch.set_num_threads(int(runtime.torch_threads))
-        threadpool_limits(limits=int(runtime.torch_threads), user_api="blas")  # until the process ends
+    threads = runtime.get("torch_threads")
+    if threads:
+        threadpool_limits(limits=int(threads), user_api="blas")  # until the process ends
+    if not uses_torch:
+        return
+    import torch
+
+    if threads:
+        torch.set_num_threads(int(threads))
     if runtime.get("deterministic"):
         torch.use_deterministic_algorithms(True, warn_only=True)
 

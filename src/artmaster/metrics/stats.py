@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats as scipy_stats
-from sklearn.metrics import roc_auc_score
 
 
 @dataclass(frozen=True)
@@ -195,5 +194,8 @@ def roc_auc(positive: np.ndarray, negative: np.ndarray) -> float:
     positive, negative = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
     if len(positive) == 0 or len(negative) == 0:
         raise ValueError("AUC needs at least one positive and one negative score")
-    labels = np.r_[np.ones(len(positive)), np.zeros(len(negative))]
-    return float(roc_auc_score(labels, np.r_[positive, negative]))
+    # the Mann-Whitney U statistic over its maximum: the same number as the area under the ROC
+    # curve, and fast enough for a few thousand bootstrap draws
+    ranks = scipy_stats.rankdata(np.r_[positive, negative])
+    count = len(positive)
+    return float((ranks[:count].sum() - count * (count + 1) / 2) / (count * len(negative)))
