@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
-from artmaster import runtime, train
+from artmaster import dataset, runtime, train
 from artmaster.config import compose
 from artmaster.models import build_random_pipeline
 
@@ -37,7 +37,7 @@ def synthetic_encodings(cfg, crops_per_bucket: int) -> tuple[dict, dict]:
     for name, bucket in cfg.crop.buckets.items():
         if not bucket.enabled:
             continue
-        width, height = train.scaled_size(bucket.width, bucket.height, float(cfg.train.image_scale))
+        width, height = dataset.scaled_size(bucket.width, bucket.height, float(cfg.train.image_scale))
         latent_shape = (arch.vae.latent_channels, height // 8, width // 8)
         for index in range(crops_per_bucket):
             sample_id = f"{name}-{index}"

@@ -17,7 +17,7 @@ from PIL import Image
 from launch import accelerate_launch, offline_env
 from safetensors.torch import load_file
 
-from artmaster import train
+from artmaster import dataset, train
 from artmaster.config import compose, project_root
 from artmaster.models import build_random_pipeline
 
@@ -116,9 +116,9 @@ def test_plan_keeps_one_bucket_per_batch_and_every_repeat():
 
 
 def test_scaled_size_must_stay_a_multiple_of_16():
-    assert train.scaled_size(512, 768, 0.25) == (128, 192)
+    assert dataset.scaled_size(512, 768, 0.25) == (128, 192)
     with pytest.raises(ValueError, match="train.image_scale=0.3.*154x154"):
-        train.scaled_size(512, 512, 0.3)
+        dataset.scaled_size(512, 512, 0.3)
 
 
 def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
@@ -130,7 +130,7 @@ def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
     rows.append({**rows[0], "crop_id": "escape", "path": "../../outside.png"})
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose([f"paths.data_dir={data}"])
-    examples = train.load_examples(cfg)
+    examples = dataset.load_examples(cfg)
     assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[2]["crop_id"]]
     assert {e.size for e in examples} == {(128, 128), (128, 192)}
     logged = caplog.text
@@ -146,7 +146,7 @@ def test_only_training_split_crops_are_examples(tmp_path):
     rows[1]["split"] = rows[2]["split"] = "heldout"
     del rows[3]["split"]  # written before the split existed: a training crop
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples = train.load_examples(compose([f"paths.data_dir={data}"]))
+    examples = dataset.load_examples(compose([f"paths.data_dir={data}"]))
     assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[3]["crop_id"]]
 
 
@@ -155,7 +155,7 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
 
     cfg = make_run_cfg(assets, tmp_path)
     pipe = load_pipeline(cfg.model)
-    examples = train.load_examples(cfg)[:2]
+    examples = dataset.load_examples(cfg)[:2]
     cache = tmp_path / "cache"
     encoded = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     encodings, used = encoded.samples, encoded.files
@@ -177,7 +177,7 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
     assert all(torch.equal(again[k]["latent_mean"], encodings[k]["latent_mean"]) for k in encodings)
 
     # swapping the two captions changes both keys: nothing stale can be paired with the wrong crop
-    swapped = [train.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
+    swapped = [dataset.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
     monkeypatch.undo()
     assert not train.build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
 

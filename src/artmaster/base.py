@@ -54,7 +54,7 @@ class CorpusImage:
 
 def corpus_caption(image: Image.Image, caption_cfg: DictConfig) -> str:
     """The template captioner's content, palette, tone and composition words, without the trigger."""
-    from artmaster.caption import describe
+    from artmaster.caption_words import describe
 
     return caption_cfg.separator.join(describe(image, caption_cfg.template))
 

@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import statistics
 import time
@@ -47,8 +46,10 @@ from tqdm import tqdm
 from artmaster import checkpoints as sealing
 from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
-from artmaster.files import (captioned, fsync_dir, labelled_grid, read_jsonl, remove_folder, replace_together,
+from artmaster.dataset import Example, load_examples
+from artmaster.files import (captioned, fsync_dir, labelled_grid, remove_folder, replace_together,
                              sort_safetensors_header, staged_dir, write_atomic)
+from artmaster.lora_card import base_model_name, lora_metrics, model_card, training_recipe
 from artmaster.tracking import child_run, log_summary, stage_run
 
 log = logging.getLogger(__name__)
@@ -84,58 +85,6 @@ def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir) / "train"
     return stage_dir(cfg, "train")
-
-
-# --- examples: crops joined with their captions -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    sample_id: str
-    image_path: Path
-    caption: str
-    size: tuple[int, int]  # (width, height) in pixels after train.image_scale
-
-
-def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """Pixel size after `scale`; FLUX needs both sides divisible by 16 (VAE /8, then 2x2 patches)."""
-    size = (round(width * scale), round(height * scale))
-    if size[0] % 16 or size[1] % 16 or min(size) <= 0:
-        raise ValueError(
-            f"{width}x{height} scaled by train.image_scale={scale} is {size[0]}x{size[1]}; "
-            "both sides must be positive multiples of 16"
-        )
-    return size
-
-
-def load_examples(cfg: DictConfig) -> list[Example]:
-    """Every training crop (`split: train`; the held-out scans' crops are evaluate's reference and
-    never trained on) that has a caption; a crop that cannot be used is reported and skipped."""
-    from artmaster.crop import TRAIN, split_rows
-
-    crop_dir = stage_dir(cfg, "crop").resolve()
-    captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
-    captions = {str(row["crop_id"]): str(row["caption"]) for row in read_jsonl(captions_file)}
-    examples, problems = [], []
-    for row in split_rows(read_jsonl(crop_dir / "crops.jsonl"), TRAIN):
-        crop_id = str(row.get("crop_id", ""))
-        path = (crop_dir / str(row.get("path", ""))).resolve()
-        if crop_id not in captions:
-            problems.append(f"{crop_dir / 'crops.jsonl'}: crop {crop_id!r} has no caption in {captions_file}")
-        elif not path.is_relative_to(crop_dir) or not path.is_file():
-            problems.append(f"{path}: crop {crop_id!r} image missing or outside {crop_dir}")
-        else:
-            try:
-                size = scaled_size(int(row["width"]), int(row["height"]), float(cfg.train.image_scale))
-            except (KeyError, ValueError) as error:
-                problems.append(f"{path}: crop {crop_id!r}: {error}")
-                continue
-            examples.append(Example(crop_id, path, captions[crop_id], size))
-    for problem in problems:
-        log.error("train: skipping %s", problem)
-    if not examples:
-        raise ValueError(f"train: no usable crop in {crop_dir} ({len(problems)} skipped: {'; '.join(problems[:3])})")
-    return sorted(examples, key=lambda e: e.sample_id)
 
 
 # --- cache: VAE posterior + text embeddings, once per crop and caption --------------------------
@@ -1218,16 +1167,6 @@ def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, to
 # what `_export` writes into the output folder, replaced together (metrics.json, the sign of a
 # finished run, last)
 EXPORTED = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "val_loss.csv", "headline.json", "metrics.json")
-# metrics that differ from run to run of the same recipe: MLflow and metrics.json hold them, the
-# exported LoRA never (its bytes stay a function of the recipe, so DVC sees nothing new downstream)
-TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds")
-
-
-def lora_metrics(metrics: dict) -> dict:
-    """The metrics a LoRA's header and model card carry: every number but the timings."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in TIMINGS}
-
-
 def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict,
             note: str = "") -> None:
     """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv: all
@@ -1245,9 +1184,9 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
         ranks = rank_report(exported)
         metrics.update(rank_total=sum(ranks.values()), rank_min=min(ranks.values()),
                        rank_max=max(ranks.values()), rank_modules=len(ranks))
-        base_model = _base_model_name(cfg.model)
+        base_model = base_model_name(cfg.model)
         files = save_lora(exported, staging / "lora", base_model=base_model, trigger=str(cfg.train.trigger),
-                          metadata={"recipe": _recipe(cfg), "metrics": lora_metrics(metrics)},
+                          metadata={"recipe": training_recipe(cfg), "metrics": lora_metrics(metrics)},
                           dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
         card = model_card(cfg, base_model, ranks, lora_metrics(metrics), {k: Path(v).name for k, v in files.items()},
                           note)
@@ -1277,89 +1216,6 @@ def headline(metrics: dict) -> dict:
     """The numbers `dvc metrics show` and the MLflow runs table show for a training run."""
     names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total"}
     return {name: metrics[key] for name, key in names.items() if key in metrics}
-
-
-def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str],
-               note: str = "") -> str:
-    """README.md of the plain LoRA: what it is, how to load it, the recipe, ranks and metrics;
-    `note` (retrain) says how it was made beyond the train stage."""
-    settings = cfg.train
-    trigger = str(settings.trigger)
-    by_kind: dict[str, list[int]] = defaultdict(list)
-    for module, rank in ranks.items():
-        by_kind[_layer_kind(module)].append(rank)
-    recipe = yaml_block(_recipe(cfg))
-    rank_lines = "\n".join(f"| {kind} | {len(values)} | {min(values)} | {sum(values) / len(values):.2f} "
-                           f"| {max(values)} |"
-                           for kind, values in sorted(by_kind.items()))
-    metric_lines = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                             for k, v in metrics.items() if isinstance(v, (int, float)))
-    return f"""---
-base_model: {base_model}
-library_name: diffusers
-tags: [flux, lora, adalora, text-to-image, artmaster]
-instance_prompt: {trigger}
----
-# ArtMaster AdaLoRA adapter ({trigger})
-
-A LoRA for **{base_model}** trained by ArtMaster's `train` stage with AdaLoRA (per-module ranks
-chosen during training) and folded exactly into plain LoRA: every module has its own rank and
-`alpha = rank`, so every loader applies scale 1.
-{f"{chr(10)}{note}{chr(10)}" if note else ""}
-**Trigger phrase:** `{trigger}` (start prompts with it).
-
-## Files: which tool takes which
-- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format (`transformer.*` keys):
-  `FluxPipeline.load_lora_weights("<this folder>")`, and `artmaster generate --adapter <this folder>`.
-- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys, BFL layer
-  names, `alpha` = rank): ComfyUI's LoRA loader, kohya sd-scripts and Forge on FLUX.1-dev, and
-  `artmaster generate --adapter <this file>` on any model size (its converter reads the layer widths
-  from the model). diffusers' own kohya converter loads it only on FLUX.1-dev-sized models (it
-  hard-codes FLUX.1-dev's layer widths): with diffusers on the tiny demo model, load the diffusers file.
-
-## Ranks
-{len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
-target_r {settings.adalora.target_r}).
-
-| layer | modules | min | mean | max |
-|---|---|---|---|---|
-{rank_lines}
-
-## Metrics
-| metric | value |
-|---|---|
-{metric_lines}
-
-## Recipe
-```yaml
-{recipe}```
-"""
-
-
-def _layer_kind(module: str) -> str:
-    """transformer_blocks.3.attn.to_q -> "double attn.to_q";
-    single_transformer_blocks.0.proj_mlp -> "single proj_mlp"."""
-    match = re.fullmatch(r"(single_)?transformer_blocks\.\d+\.(.+)", module)
-    if match is None:
-        return module
-    return f"{'single' if match.group(1) else 'double'} {match.group(2)}"
-
-
-def yaml_block(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def _base_model_name(model_cfg: DictConfig) -> str:
-    if model_cfg.repo_id:
-        return f"{model_cfg.repo_id}@{model_cfg.revision}" if model_cfg.revision else str(model_cfg.repo_id)
-    return f"{model_cfg.profile} ({model_cfg.path})"
-
-
-def _recipe(cfg: DictConfig) -> dict:
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    return {k: v for k, v in train.items() if k not in ("samples", "validation", "checkpoint", "resume")}
 
 
 def _tag_run(cfg: DictConfig) -> None:
