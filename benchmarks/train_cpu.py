@@ -76,7 +76,7 @@ def main() -> None:
     for step in range(1, args.warmup + args.steps + 1):
         ids = plan[(step - 1) * accumulation: step * accumulation]
         batches = [train.make_batch(encodings, micro) for micro in ids]
-        generators = [train.seeded_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
+        generators = [train.keyed_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
         started = time.perf_counter()
         out = train.training_step(state, batches, step, generators)
         float(out["loss"])  # wait for the step (a no-op on CPU, kept for parity with GPU timing)

@@ -17,7 +17,7 @@ from PIL import Image
 from launch import accelerate_launch, offline_env
 from safetensors.torch import load_file
 
-from artmaster import dataset, train
+from artmaster import dataset, models, train
 from artmaster.config import compose, project_root
 from artmaster.models import build_random_pipeline
 
@@ -162,7 +162,7 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
     assert len(used) == 3 and len(list(cache.glob("*.safetensors"))) == 3
     for example in examples:  # each entry holds its own crop's latents and its own caption's embedding
         mean, _ = train.encode_image(pipe.vae, train.load_pixels(example))
-        embeds, _ = train.encode_prompts(pipe, [example.caption], cfg.model.max_sequence_length)
+        embeds, _ = models.prompt_embeddings(pipe, [example.caption], cfg.model.max_sequence_length)
         assert torch.equal(encodings[example.sample_id]["latent_mean"], mean)
         assert torch.equal(encodings[example.sample_id]["prompt_embeds"], embeds[0])
 
@@ -170,7 +170,7 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
         raise AssertionError("encoder called although the cache holds this entry")
 
     monkeypatch.setattr(train, "encode_image", refuse)
-    monkeypatch.setattr(train, "encode_prompts", refuse)
+    monkeypatch.setattr(models, "prompt_embeddings", refuse)
     again = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     assert again.files == used
     again = again.samples

@@ -47,7 +47,7 @@ from artmaster import checkpoints as sealing
 from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
 from artmaster.dataset import Example, load_examples
-from artmaster.files import (captioned, fsync_dir, labelled_grid, remove_folder, replace_together,
+from artmaster.files import (atomic_path, captioned, fsync_dir, labelled_grid, remove_folder, replace_together,
                              sort_safetensors_header, staged_dir, write_atomic)
 from artmaster.lora_card import base_model_name, lora_metrics, model_card, training_recipe
 from artmaster.tracking import child_run, log_summary, stage_run
@@ -150,15 +150,6 @@ def prompt_key(prompt: str, fingerprint: str) -> str:
     return hashlib.sha256(f"prompt\0{prompt}\0{fingerprint}".encode("utf-8")).hexdigest()
 
 
-def encode_prompts(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 sequence (N, L, D) and CLIP pooled (N, P) embeddings."""
-    with torch.no_grad():
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
-        )
-    return prompt_embeds, pooled
-
-
 def encode_image(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior of one image: mean and std, (16, H/8, W/8) each."""
     with torch.no_grad():
@@ -200,11 +191,10 @@ def _read_cached(path: Path, expected_id: str) -> dict[str, torch.Tensor] | None
 
 
 def _write_cached(path: Path, tensors: dict[str, torch.Tensor], sample_id: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata={"sample_id": sample_id, "sha256": tensors_sha256(plain)})
-    sort_safetensors_header(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata={"sample_id": sample_id, "sha256": tensors_sha256(plain)})
+        sort_safetensors_header(tmp)
 
 
 @dataclass
@@ -227,6 +217,8 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
     Each entry is read from cache_dir when its content hash matches, else computed and written.
     A crop that cannot be encoded is reported and skipped.
     """
+    from artmaster.models import prompt_embeddings
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = encoder_fingerprint(model_cfg)
     max_len = int(model_cfg.max_sequence_length)
@@ -241,7 +233,7 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
         entry = _read_cached(path, example.sample_id)
         if entry is None:
             mean, std = encode_image(pipe.vae, pixels)
-            prompt_embeds, pooled = encode_prompts(pipe, [example.caption], max_len)
+            prompt_embeds, pooled = prompt_embeddings(pipe, [example.caption], max_len)
             entry = {"latent_mean": mean, "latent_std": std,
                      "prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
             _write_cached(path, entry, example.sample_id)
@@ -253,7 +245,7 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
         path = cache_dir / f"{prompt_key(prompt, fingerprint)}.safetensors"
         entry = _read_cached(path, prompt)
         if entry is None:
-            prompt_embeds, pooled = encode_prompts(pipe, [prompt], max_len)
+            prompt_embeds, pooled = prompt_embeddings(pipe, [prompt], max_len)
             entry = {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
             _write_cached(path, entry, prompt)
         prompt_encodings[prompt] = entry
@@ -283,8 +275,9 @@ def free_encoders(pipe) -> None:
 # --- the batch plan: aspect buckets, repeats, epochs, ranks ------------------------------------
 
 
-def seeded_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded from named parts, so every step's randomness is reproducible on resume."""
+def keyed_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded with a hash of named parts (seed, "step", rank, step, micro-batch): each
+    draw of the loop has its own stream, reproducible on resume whatever ran before it."""
     seed = int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -307,7 +300,7 @@ def rank_plan(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, rep
     """This rank's micro-batches over all epochs; every rank gets the same count (DDP lockstep)."""
     plan = []
     for epoch in range(epochs):
-        batches = epoch_batches(ids_by_size, repeats, batch_size, seeded_generator(seed, "epoch", epoch))
+        batches = epoch_batches(ids_by_size, repeats, batch_size, keyed_generator(seed, "epoch", epoch))
         per_rank = len(batches) // world_size
         plan += batches[rank::world_size][:per_rank]
     return plan
@@ -634,7 +627,7 @@ def validation_set(encodings, ids: list[str], sigmas: list[float], seed: int, fl
         batch = make_batch(encodings, [sample_id] * len(sigmas))
         latents = (batch.latent_mean - flow.vae_shift) * flow.vae_scale  # posterior mean: no sampling noise
         packed = flux_math.pack_latents(latents)
-        generator = seeded_generator(seed, "validation", sample_id, device=device)
+        generator = keyed_generator(seed, "validation", sample_id, device=device)
         batches.append(batch)
         tokens.append(packed)
         noise.append(torch.randn(packed.shape, generator=generator, device=device, dtype=packed.dtype))
@@ -989,7 +982,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     rate = SteadyRate()
     for step in progress:
         micro_batches = [make_batch(encodings, ids) for ids in plan[(step - 1) * accumulation : step * accumulation]]
-        generators = [seeded_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
+        generators = [keyed_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
                       for i in range(accumulation)]
         out_step = training_step(state, micro_batches, step, generators)
         watch.observe(step, out_step)
@@ -1096,7 +1089,7 @@ def _adapter_checksum(state: TrainingState) -> str:
 
 def _held_out_ids(ids: list[str], validation: DictConfig, seed: int) -> set[str]:
     count = min(int(validation.num_samples), len(ids))
-    order = torch.randperm(len(ids), generator=seeded_generator(seed, "validation-ids")).tolist()
+    order = torch.randperm(len(ids), generator=keyed_generator(seed, "validation-ids")).tolist()
     return {ids[i] for i in order[:count]}
 
 
