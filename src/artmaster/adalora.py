@@ -7,7 +7,9 @@ kernels and cost as much as the model's step. Here every tensor of one role and 
 and processed at once; tests check that the masks, rank pattern and importance statistics equal
 peft's `update_and_allocate` and that the penalty equals peft's formula.
 
-Training-loop contract (field notes section 2), in optimizer steps 1, 2, 3 ...:
+Training-loop contract (peft's for `update_and_allocate`, which reads the gradients), in optimizer
+steps 1, 2, 3 ... with `total_step` in the same unit (with gradient accumulation: sync steps only;
+with DDP: on every process, the all-reduced gradients keep the masks equal):
     loss = task_loss + cfg.orth_reg_weight * orthogonal_penalty(model)
     loss.backward(); optimizer.step()
     allocator.update_and_allocate(step)      # before zero_grad()

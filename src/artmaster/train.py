@@ -847,7 +847,8 @@ def make_accelerator(cfg: DictConfig):
     settings = cfg.train
     use_cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     if not use_cpu:
-        # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
+        # cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13: `mha_graph.execute`, then an
+        # illegal memory access); with it off, the flash backend runs (docs/performance.md, "Levers")
         torch.backends.cuda.enable_cudnn_sdp(False)
     return Accelerator(mixed_precision=str(settings.mixed_precision), cpu=use_cpu)
 
