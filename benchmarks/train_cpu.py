@@ -67,8 +67,9 @@ def main() -> None:
     pipe = build_random_pipeline(cfg.model, with_text_encoders=False)
     encodings, ids_by_size = synthetic_encodings(cfg, args.crops_per_bucket)
     accumulation = int(cfg.train.gradient_accumulation)
-    plan = train.rank_plan(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
-                           batch_size=int(cfg.train.batch_size), world_size=1, rank=0, seed=int(cfg.seed))
+    plan = train.process_batches(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
+                                 batch_size=int(cfg.train.batch_size), world_size=1, process_index=0,
+                                 seed=int(cfg.seed))
     total_step = train.optimizer_steps(len(plan), accumulation)
     state = train.build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
 

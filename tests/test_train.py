@@ -99,17 +99,19 @@ def reference(assets, tmp_path_factory):
 def test_plan_keeps_one_bucket_per_batch_and_every_repeat():
     ids_by_size = {(128, 128): ["a", "b", "c"], (128, 192): ["d", "e"]}
     size_of = {i: size for size, ids in ids_by_size.items() for i in ids}
-    plan = train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
+    one = dict(epochs=3, repeats=2, batch_size=2, world_size=1, process_index=0)  # one process
+    plan = train.process_batches(ids_by_size, **one, seed=0)
     assert all(len({size_of[i] for i in batch}) == 1 for batch in plan)
     counts = {i: sum(batch.count(i) for batch in plan) for i in size_of}
     assert counts == {i: 6 for i in size_of}  # 3 epochs x 2 repeats
-    assert plan == train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
-    assert plan != train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=1)
-    # two ranks: equal lengths (lockstep), disjoint shares of each epoch
-    rank0, rank1 = (train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2, rank=r, seed=0)
+    assert plan == train.process_batches(ids_by_size, **one, seed=0)
+    assert plan != train.process_batches(ids_by_size, **one, seed=1)
+    # two processes: equal lengths (lockstep), disjoint shares of each epoch
+    rank0, rank1 = (train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2,
+                                          process_index=r, seed=0)
                     for r in (0, 1))
-    assert len(rank0) == len(rank1) == len(train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2,
-                                                           world_size=1, rank=0, seed=0)) // 2
+    assert len(rank0) == len(rank1) == len(train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2,
+                                                                 world_size=1, process_index=0, seed=0)) // 2
     assert train.optimizer_steps(len(plan), 4) == len(plan) // 4
     with pytest.raises(ValueError, match="gradient_accumulation=99"):
         train.optimizer_steps(3, 99)

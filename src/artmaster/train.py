@@ -295,15 +295,17 @@ def epoch_batches(ids_by_size: dict[tuple[int, int], list[str]], repeats: int, b
     return [batches[i] for i in order]
 
 
-def rank_plan(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, repeats: int, batch_size: int,
-              world_size: int, rank: int, seed: int) -> list[list[str]]:
-    """This rank's micro-batches over all epochs; every rank gets the same count (DDP lockstep)."""
-    plan = []
+def process_batches(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, repeats: int, batch_size: int,
+                    world_size: int, process_index: int, seed: int) -> list[list[str]]:
+    """The micro-batches of one DDP process (`process_index` of `world_size`; a process, not a
+    LoRA rank) over all epochs: every process gets the same count (DDP lockstep) and a disjoint
+    share of each epoch's batches."""
+    share = []
     for epoch in range(epochs):
         batches = epoch_batches(ids_by_size, repeats, batch_size, keyed_generator(seed, "epoch", epoch))
-        per_rank = len(batches) // world_size
-        plan += batches[rank::world_size][:per_rank]
-    return plan
+        per_process = len(batches) // world_size
+        share += batches[process_index::world_size][:per_process]
+    return share
 
 
 def optimizer_steps(micro_batches: int, accumulation: int) -> int:
@@ -929,9 +931,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     for example in extra:
         ids_by_size[example.size] += [example.sample_id] * int(setup.extra_repeats)
     accumulation = int(settings.gradient_accumulation)
-    plan = rank_plan(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
-                     batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
-                     rank=accelerator.process_index, seed=int(cfg.seed))
+    plan = process_batches(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
+                           batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
+                           process_index=accelerator.process_index, seed=int(cfg.seed))
     total_step = optimizer_steps(len(plan), accumulation)
 
     # 3. model: AdaLoRA, optimizer, schedule, allocator; resume
