@@ -24,7 +24,7 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
-from artmaster import runtime, train
+from artmaster import dataset, runtime, train
 from artmaster.config import compose
 from artmaster.models import build_random_pipeline
 
@@ -37,7 +37,7 @@ def synthetic_encodings(cfg, crops_per_bucket: int) -> tuple[dict, dict]:
     for name, bucket in cfg.crop.buckets.items():
         if not bucket.enabled:
             continue
-        width, height = train.scaled_size(bucket.width, bucket.height, float(cfg.train.image_scale))
+        width, height = dataset.scaled_size(bucket.width, bucket.height, float(cfg.train.image_scale))
         latent_shape = (arch.vae.latent_channels, height // 8, width // 8)
         for index in range(crops_per_bucket):
             sample_id = f"{name}-{index}"
@@ -67,8 +67,9 @@ def main() -> None:
     pipe = build_random_pipeline(cfg.model, with_text_encoders=False)
     encodings, ids_by_size = synthetic_encodings(cfg, args.crops_per_bucket)
     accumulation = int(cfg.train.gradient_accumulation)
-    plan = train.rank_plan(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
-                           batch_size=int(cfg.train.batch_size), world_size=1, rank=0, seed=int(cfg.seed))
+    plan = train.process_batches(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
+                                 batch_size=int(cfg.train.batch_size), world_size=1, process_index=0,
+                                 seed=int(cfg.seed))
     total_step = train.optimizer_steps(len(plan), accumulation)
     state = train.build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
 
@@ -76,7 +77,7 @@ def main() -> None:
     for step in range(1, args.warmup + args.steps + 1):
         ids = plan[(step - 1) * accumulation: step * accumulation]
         batches = [train.make_batch(encodings, micro) for micro in ids]
-        generators = [train.seeded_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
+        generators = [train.keyed_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
         started = time.perf_counter()
         out = train.training_step(state, batches, step, generators)
         float(out["loss"])  # wait for the step (a no-op on CPU, kept for parity with GPU timing)

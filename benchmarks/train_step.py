@@ -386,7 +386,7 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     first = ctx.tinit + 1  # the budget phase: importance update every step, masking every delta_t
 
     def args(index):
-        return index, batches, [train.seeded_generator(cfg.seed, "step", 0, index, 0, device=device)]
+        return index, batches, [train.keyed_generator(cfg.seed, "step", 0, index, 0, device=device)]
 
     graphs_before = dynamo_counts()
     sync(device)

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 from tiny_vlm import save_tiny_llava
 
-from artmaster import caption
+from artmaster import caption, caption_words
 from artmaster.config import compose
 from artmaster.files import read_jsonl, write_jsonl
 
@@ -151,9 +151,9 @@ def test_palette_words_follow_the_colours_in_the_image(make):
 
 def test_content_and_composition_words_follow_the_tonal_structure(make):
     template = make().caption.template
-    mist = caption.describe(CROPS["s3-128x192-00"][1], template)
-    gorge = caption.describe(CROPS["s3-192x128-00"][1], template)
-    blank = caption.describe(Image.new("RGB", (128, 128), PAPER), template)
+    mist = caption_words.describe(CROPS["s3-128x192-00"][1], template)
+    gorge = caption_words.describe(CROPS["s3-192x128-00"][1], template)
+    blank = caption_words.describe(Image.new("RGB", (128, 128), PAPER), template)
     assert template.content.mist_phrase in mist and template.content.gorge_phrase not in mist
     assert template.content.gorge_phrase in gorge and template.content.mist_phrase not in gorge
     assert template.content.mountains_phrase not in blank and template.content.mist_phrase not in blank

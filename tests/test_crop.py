@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from artmaster import crop
+from artmaster import crop, dataset
 from artmaster.config import compose
 from artmaster.imagestats import box_iou
 from artmaster.painter import STYLES, mount_box, paint, scan
@@ -221,7 +221,7 @@ def test_heldout_scans_are_whole_scans_chosen_deterministically(cropped):
     assert all(len(splits) == 1 for splits in by_scan.values()), "a scan's crops share one split"
     heldout = sorted(scan for scan, splits in by_scan.items() if splits == {"heldout"})
     assert heldout == result["heldout_scans"] and len(heldout) == 2
-    assert result["per_split"] == {"train": sum(r["split"] == "train" for r in rows), "heldout": len(crop.split_rows(rows, "heldout"))}
+    assert result["per_split"] == {"train": sum(r["split"] == "train" for r in rows), "heldout": len(dataset.split_rows(rows, "heldout"))}
     assert crop.heldout_scans(list(by_scan), holdout) == set(heldout)
     assert crop.heldout_scans(list(reversed(list(by_scan))), holdout) == set(heldout), "order does not matter"
 
@@ -238,8 +238,8 @@ def test_heldout_choice_rules():
     with pytest.raises(ValueError, match="leaves no scan to train on"):
         crop.heldout_scans(ids[:2], holdout)
     # rows written before the split existed count as training rows
-    assert crop.split_rows([{"crop_id": "x"}], "train") == [{"crop_id": "x"}]
-    assert crop.split_rows([{"crop_id": "x"}], "heldout") == []
+    assert dataset.split_rows([{"crop_id": "x"}], "train") == [{"crop_id": "x"}]
+    assert dataset.split_rows([{"crop_id": "x"}], "heldout") == []
 
 
 def test_contact_sheet_frames_heldout_scans(cropped):

@@ -7,7 +7,8 @@ from peft.utils import get_peft_model_state_dict
 from PIL import Image
 
 from artmaster.config import compose
-from artmaster.generate import cli, generate_images, image_grid
+from artmaster.files import image_grid
+from artmaster.generate import cli, generate_images
 from artmaster.models import build_random_pipeline, load_pipeline
 
 SIZE = ["base.generate.width=64", "base.generate.height=64", "base.generate.steps=2"]

@@ -12,6 +12,7 @@ from artmaster.config import compose
 from artmaster.critic import Edit
 from artmaster.flux_math import pack_latents
 from artmaster.models import build_random_pipeline
+from artmaster.generate import noise_generator
 from artmaster.refine import (
     InpaintRefiner,
     RegionalRefiner,
@@ -20,7 +21,6 @@ from artmaster.refine import (
     feathered_box_alpha,
     merge_regional_predictions,
     regional_latents,
-    seeded_generator,
     token_grid_masks,
 )
 
@@ -110,7 +110,7 @@ def pipe():
 
 def _pipeline_output(pipe, seed, output_type):
     return pipe(
-        PROMPT, generator=seeded_generator(seed), height=SIZE["height"], width=SIZE["width"],
+        PROMPT, generator=noise_generator(seed), height=SIZE["height"], width=SIZE["width"],
         num_inference_steps=SIZE["steps"], guidance_scale=SIZE["guidance"],
         max_sequence_length=SIZE["max_sequence_length"], output_type=output_type,
     ).images

@@ -46,7 +46,7 @@ def test_direct_orthogonal_gradient_trains_like_the_autograd_term(make_cfg):
         state = _state(cfg)
         assert state.direct_orthogonal == (mode == "direct")
         outs = [train.training_step(state, [train.make_batch(encodings, ["s0", "s1"])], step,
-                                    [train.seeded_generator(0, step)]) for step in (1, 2, 3)]
+                                    [train.keyed_generator(0, step)]) for step in (1, 2, 3)]
         results[mode] = (outs, {name: p.detach().clone() for name, p in state.named_params})
     (outs_a, params_a), (outs_d, params_d) = results["autograd"], results["direct"]
     for a, d in zip(outs_a, outs_d):
@@ -106,7 +106,7 @@ def test_bf16_weights_without_autocast_train_fp32_adapters(make_cfg):
     before = [p.detach().clone() for p in state.params]
     batch = train.make_batch(train.on_device(_encodings(cfg), "cpu", torch.bfloat16), ["s0", "s1"])
     for step in (1, 2):  # step 1 runs at the warm-up's lr 0
-        out = train.training_step(state, [batch], step, [train.seeded_generator(0, step)])
+        out = train.training_step(state, [batch], step, [train.keyed_generator(0, step)])
         assert torch.isfinite(out["loss"]) and float(out["grad_norm"]) > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, state.params))
 
@@ -293,7 +293,7 @@ def test_the_fast_branch_trains_like_peft_and_exports_exactly(make_cfg):
         switched = [m for m in state.adapter.modules() if type(m).__name__.startswith("Fast")]
         assert bool(switched) == (branch == "model")
         outs = [train.training_step(state, [train.make_batch(encodings, ["s0", "s1"])], step,
-                                    [train.seeded_generator(0, step)]) for step in (1, 2, 3)]
+                                    [train.keyed_generator(0, step)]) for step in (1, 2, 3)]
         results[branch] = (outs, {name: p.detach().clone() for name, p in state.named_params}, state)
     (outs_p, params_p, _), (outs_f, params_f, state) = results["float32"], results["model"]
     for a, b in zip(outs_p, outs_f):
@@ -369,7 +369,7 @@ def test_compiled_training_traces_one_graph_per_block_class_and_shape(make_cfg, 
         encodings = {"s": {"latent_mean": torch.randn(16, h, w, generator=g), "latent_std": torch.full((16, h, w), .05),
                            "prompt_embeds": torch.randn(8, arch.joint_attention_dim, generator=g),
                            "pooled_prompt_embeds": torch.randn(arch.pooled_projection_dim, generator=g)}}
-        out = train.training_step(state, [train.make_batch(encodings, ["s"])], step, [train.seeded_generator(0, step)])
+        out = train.training_step(state, [train.make_batch(encodings, ["s"])], step, [train.keyed_generator(0, step)])
         assert torch.isfinite(out["loss"])
     assert len(graphs) == 4
     models.uncompile_blocks(state.adapter.base_model.model)

@@ -17,7 +17,7 @@ from PIL import Image
 from launch import accelerate_launch, offline_env
 from safetensors.torch import load_file
 
-from artmaster import train
+from artmaster import dataset, models, train
 from artmaster.config import compose, project_root
 from artmaster.models import build_random_pipeline
 
@@ -99,26 +99,28 @@ def reference(assets, tmp_path_factory):
 def test_plan_keeps_one_bucket_per_batch_and_every_repeat():
     ids_by_size = {(128, 128): ["a", "b", "c"], (128, 192): ["d", "e"]}
     size_of = {i: size for size, ids in ids_by_size.items() for i in ids}
-    plan = train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
+    one = dict(epochs=3, repeats=2, batch_size=2, world_size=1, process_index=0)  # one process
+    plan = train.process_batches(ids_by_size, **one, seed=0)
     assert all(len({size_of[i] for i in batch}) == 1 for batch in plan)
     counts = {i: sum(batch.count(i) for batch in plan) for i in size_of}
     assert counts == {i: 6 for i in size_of}  # 3 epochs x 2 repeats
-    assert plan == train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=0)
-    assert plan != train.rank_plan(ids_by_size, epochs=3, repeats=2, batch_size=2, world_size=1, rank=0, seed=1)
-    # two ranks: equal lengths (lockstep), disjoint shares of each epoch
-    rank0, rank1 = (train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2, rank=r, seed=0)
+    assert plan == train.process_batches(ids_by_size, **one, seed=0)
+    assert plan != train.process_batches(ids_by_size, **one, seed=1)
+    # two processes: equal lengths (lockstep), disjoint shares of each epoch
+    rank0, rank1 = (train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2,
+                                          process_index=r, seed=0)
                     for r in (0, 1))
-    assert len(rank0) == len(rank1) == len(train.rank_plan(ids_by_size, epochs=1, repeats=2, batch_size=2,
-                                                           world_size=1, rank=0, seed=0)) // 2
+    assert len(rank0) == len(rank1) == len(train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2,
+                                                                 world_size=1, process_index=0, seed=0)) // 2
     assert train.optimizer_steps(len(plan), 4) == len(plan) // 4
     with pytest.raises(ValueError, match="gradient_accumulation=99"):
         train.optimizer_steps(3, 99)
 
 
 def test_scaled_size_must_stay_a_multiple_of_16():
-    assert train.scaled_size(512, 768, 0.25) == (128, 192)
+    assert dataset.scaled_size(512, 768, 0.25) == (128, 192)
     with pytest.raises(ValueError, match="train.image_scale=0.3.*154x154"):
-        train.scaled_size(512, 512, 0.3)
+        dataset.scaled_size(512, 512, 0.3)
 
 
 def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
@@ -130,7 +132,7 @@ def test_bad_crops_are_skipped_with_a_message_naming_them(tmp_path, caplog):
     rows.append({**rows[0], "crop_id": "escape", "path": "../../outside.png"})
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = compose([f"paths.data_dir={data}"])
-    examples = train.load_examples(cfg)
+    examples = dataset.load_examples(cfg)
     assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[2]["crop_id"]]
     assert {e.size for e in examples} == {(128, 128), (128, 192)}
     logged = caplog.text
@@ -146,7 +148,7 @@ def test_only_training_split_crops_are_examples(tmp_path):
     rows[1]["split"] = rows[2]["split"] = "heldout"
     del rows[3]["split"]  # written before the split existed: a training crop
     (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    examples = train.load_examples(compose([f"paths.data_dir={data}"]))
+    examples = dataset.load_examples(compose([f"paths.data_dir={data}"]))
     assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[3]["crop_id"]]
 
 
@@ -155,14 +157,14 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
 
     cfg = make_run_cfg(assets, tmp_path)
     pipe = load_pipeline(cfg.model)
-    examples = train.load_examples(cfg)[:2]
+    examples = dataset.load_examples(cfg)[:2]
     cache = tmp_path / "cache"
     encoded = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     encodings, used = encoded.samples, encoded.files
     assert len(used) == 3 and len(list(cache.glob("*.safetensors"))) == 3
     for example in examples:  # each entry holds its own crop's latents and its own caption's embedding
         mean, _ = train.encode_image(pipe.vae, train.load_pixels(example))
-        embeds, _ = train.encode_prompts(pipe, [example.caption], cfg.model.max_sequence_length)
+        embeds, _ = models.prompt_embeddings(pipe, [example.caption], cfg.model.max_sequence_length)
         assert torch.equal(encodings[example.sample_id]["latent_mean"], mean)
         assert torch.equal(encodings[example.sample_id]["prompt_embeds"], embeds[0])
 
@@ -170,14 +172,14 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
         raise AssertionError("encoder called although the cache holds this entry")
 
     monkeypatch.setattr(train, "encode_image", refuse)
-    monkeypatch.setattr(train, "encode_prompts", refuse)
+    monkeypatch.setattr(models, "prompt_embeddings", refuse)
     again = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     assert again.files == used
     again = again.samples
     assert all(torch.equal(again[k]["latent_mean"], encodings[k]["latent_mean"]) for k in encodings)
 
     # swapping the two captions changes both keys: nothing stale can be paired with the wrong crop
-    swapped = [train.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
+    swapped = [dataset.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
     monkeypatch.undo()
     assert not train.build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
 

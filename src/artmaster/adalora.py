@@ -7,7 +7,9 @@ kernels and cost as much as the model's step. Here every tensor of one role and 
 and processed at once; tests check that the masks, rank pattern and importance statistics equal
 peft's `update_and_allocate` and that the penalty equals peft's formula.
 
-Training-loop contract (field notes section 2), in optimizer steps 1, 2, 3 ...:
+Training-loop contract (peft's for `update_and_allocate`, which reads the gradients), in optimizer
+steps 1, 2, 3 ... with `total_step` in the same unit (with gradient accumulation: sync steps only;
+with DDP: on every process, the all-reduced gradients keep the masks equal):
     loss = task_loss + cfg.orth_reg_weight * orthogonal_penalty(model)
     loss.backward(); optimizer.step()
     allocator.update_and_allocate(step)      # before zero_grad()
@@ -19,7 +21,6 @@ before clipping and optimizer.step(): the same gradient without per-tensor autog
 from __future__ import annotations
 
 import json
-import os
 import re
 import weakref
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from omegaconf import DictConfig
 from peft import AdaLoraConfig, PeftModel, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
 
-from artmaster.files import sort_safetensors_header
+from artmaster.files import atomic_path, sort_safetensors_header
 from artmaster.models import DTYPES
 
 
@@ -647,17 +648,6 @@ def kohya_weight_name(trigger: str) -> str:
     return f"{stem}_kohya.safetensors"
 
 
-def _write_atomically(path: Path, write) -> Path:
-    """write(temporary path) then rename, so a killed process leaves no half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
 def save_lora(
     exported: ExportedLora,
     folder: str | Path,
@@ -691,11 +681,10 @@ def save_lora(
 
     def write(state: dict[str, torch.Tensor], path: Path, header: dict[str, str]) -> Path:
         weights = {k: (v if k.endswith(".alpha") else v.to(torch_dtype)).contiguous() for k, v in state.items()}
-        def write_sorted(tmp: Path) -> None:
+        with atomic_path(path) as tmp:
             save_file(weights, str(tmp), metadata=header)
             sort_safetensors_header(tmp)  # the same LoRA gives the same bytes
-
-        return _write_atomically(path, write_sorted)
+        return path
 
     paths = {"diffusers": write(diffusers_state_dict(exported), folder / DIFFUSERS_WEIGHT_NAME, header)}
     if kohya:
@@ -767,7 +756,9 @@ def rank_heatmap(ranks: dict[str, int], path: str | Path, title: str = "AdaLoRA 
     fig.suptitle(f"{title}: {sum(ranks.values())} over {len(ranks)} modules", fontsize=10)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    return _write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    return path
 
 
 # --------------------------------------------------------------------------------------------

@@ -38,12 +38,11 @@ from tqdm import tqdm
 from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
-from artmaster.crop import TRAIN, split_rows
-from artmaster.files import read_jsonl, write_atomic
-from artmaster.generate import generate_images, image_grid, load_adapter, save_image_atomic
+from artmaster.dataset import TRAIN, scaled_size, split_rows
+from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_atomic
+from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
-from artmaster.train import scaled_size
 from artmaster.tracking import child_run, log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from artmaster import flux_math
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.files import staged_dir
-from artmaster.generate import encode_prompts, generate_images, image_grid
+from artmaster.files import image_grid, staged_dir, write_atomic
+from artmaster.generate import encode_prompts, generate_images
 from artmaster.tracking import log_picture, log_summary, stage_run
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class CorpusImage:
 
 def corpus_caption(image: Image.Image, caption_cfg: DictConfig) -> str:
     """The template captioner's content, palette, tone and composition words, without the trigger."""
-    from artmaster.caption import describe
+    from artmaster.caption_words import describe
 
     return caption_cfg.separator.join(describe(image, caption_cfg.template))
 
@@ -549,9 +549,7 @@ def record_flux_weights(cfg: DictConfig, staging: Path) -> dict:
                   for path in tqdm(files, desc="base: hash weights", unit="file")},
     }
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_path.with_name(f".{cache_path.name}.partial-{os.getpid()}")
-    partial.write_text(json.dumps(cache, indent=1), encoding="utf-8")
-    os.replace(partial, cache_path)
+    write_atomic(cache_path, json.dumps(cache, indent=1), per_process=True)  # one cache for every run of the user
     _write_record(staging, record)
     return {"weight_files": len(files), "weight_gb": sum(f["bytes"] for f in record["files"].values()) / 1e9}
 

@@ -28,6 +28,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from artmaster.config import hydra_entry, stage_dir
+from artmaster.dataset import HELDOUT, TRAIN
 from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.imagestats import (
     box_iou,
@@ -386,9 +387,7 @@ def draw_contact_sheet(entries: list[SheetEntry], buckets: list[Bucket], sheet: 
     return canvas
 
 
-# --- held-out scans ----------------------------------------------------------------------------
-
-TRAIN, HELDOUT = "train", "heldout"  # values of the `split` field of crops.jsonl
+# --- held-out scans (the split's values and readers: artmaster.dataset) --------------------------
 
 
 def heldout_scans(scan_ids: list[str], holdout: DictConfig) -> set[str]:
@@ -403,14 +402,6 @@ def heldout_scans(scan_ids: list[str], holdout: DictConfig) -> set[str]:
         )
     rank = {i: hashlib.sha256(f"{holdout.seed}\0{i}".encode()).hexdigest() for i in ids}
     return set(sorted(ids, key=rank.__getitem__)[:count])
-
-
-def split_rows(rows: list[dict], split: str) -> list[dict]:
-    """Rows of crops.jsonl in `split` (train | heldout). Rows written before the split existed
-    have no `split` field and count as train (such a crops.jsonl has no held-out scans)."""
-    if split not in (TRAIN, HELDOUT):
-        raise ValueError(f"split must be {TRAIN!r} or {HELDOUT!r}, got {split!r}")
-    return [row for row in rows if row.get("split", TRAIN) == split]
 
 
 def accepted_scans(cfg: DictConfig) -> list[dict]:

@@ -47,7 +47,7 @@ from scipy.spatial.distance import pdist
 from artmaster import replicates, runtime
 from artmaster.adherence import NOT_AVAILABLE, ClipScorer
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.crop import HELDOUT, TRAIN, split_rows
+from artmaster.dataset import HELDOUT, TRAIN, scaled_size, split_rows
 from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
@@ -57,7 +57,6 @@ from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
 from artmaster.report import draw_grid, markdown_summary, render_report
 from artmaster.tracking import log_picture, log_summary, stage_run
-from artmaster.train import scaled_size
 
 log = logging.getLogger(__name__)
 

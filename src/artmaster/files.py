@@ -6,7 +6,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -191,18 +191,39 @@ def sort_safetensors_header(path: Path) -> None:
         handle.write(len(text).to_bytes(8, "little") + text + body)
 
 
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file whole or not at all: a temporary sibling, flushed to disk, then renamed."""
-    tmp = path.with_name(f".{path.name}.tmp")
+@contextmanager
+def atomic_path(path: Path, per_process: bool = False) -> Iterator[Path]:
+    """A temporary sibling of `path` for any writer to fill (bytes, PIL, safetensors, matplotlib).
+    When the block succeeds the file is flushed to the disk and renamed onto `path`; when it fails
+    the temporary is removed. `path` is the old file or the new one, never half of one.
+
+    The temporary is `.<name>.tmp`: one a killed run left is overwritten and renamed away by the
+    next write of the same file, so nothing stale stays in an output folder DVC persists.
+    `per_process` names it `.<name>.<pid>.tmp`, for a file several processes may write at the
+    same time (a cache shared by every run of the user)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if per_process else f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data.encode("utf-8") if isinstance(data, str) else data)
-            handle.flush()
+        yield tmp
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_atomic(path: Path, data: bytes | str, per_process: bool = False) -> None:
+    """Write a file whole or not at all (`atomic_path`): a temporary sibling, flushed to disk, then renamed."""
+    with atomic_path(path, per_process) as tmp:
+        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+
+def save_image_atomic(image: Image.Image, path: Path) -> None:
+    """A PNG written whole or not at all (`atomic_path`): a killed run never leaves a truncated picture."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
 
 
 def thumbnail_sheet(items: list[tuple[str, Image.Image]], long_side: int, columns: int = 4) -> Image.Image:
@@ -223,6 +244,27 @@ def thumbnail_sheet(items: list[tuple[str, Image.Image]], long_side: int, column
         sheet.paste(thumb, (left + (long_side - thumb.width) // 2, top + (long_side - thumb.height) // 2))
         draw.text((left, top + long_side + 2), label, fill="black", font=font)
     return sheet
+
+
+def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] | None = None,
+               label_height: int = 14, gap: int = 2) -> Image.Image:
+    """Images in rows of `columns` (cells sized to the largest image), each with an optional label."""
+    if not images:
+        raise ValueError("image_grid: no images")
+    if labels is not None and len(labels) != len(images):
+        raise ValueError(f"image_grid: {len(images)} images but {len(labels)} labels")
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    cell_w = max(image.width for image in images)
+    cell_h = max(image.height for image in images) + (label_height if labels is not None else 0)
+    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), "white")
+    draw = ImageDraw.Draw(grid)
+    for index, image in enumerate(images):
+        left, top = (index % columns) * (cell_w + gap), (index // columns) * (cell_h + gap)
+        grid.paste(image.convert("RGB"), (left, top))
+        if labels is not None:
+            draw.text((left + 2, top + image.height + 1), labels[index], fill="black")
+    return grid
 
 
 def labelled_grid(rows: list[tuple[str, list[Image.Image]]], column_labels: list[str], title: str = "",

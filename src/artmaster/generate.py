@@ -12,17 +12,17 @@ kohya / ComfyUI file of that folder (converted exactly for any model size).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from artmaster.config import compose
+from artmaster.files import image_grid, save_image_atomic
 
 # prompt -> (T5 sequence embeddings (1, L, D), CLIP pooled embedding (1, P)), at one sequence length
 EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
@@ -35,18 +35,13 @@ def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
     A LoRA on the transformer leaves the text encoders unchanged, so callers that compare the base
     model with adapters on the same prompts can share one cache between them.
     """
-    from artmaster.models import truncation_reported
+    from artmaster.models import prompt_embeddings, truncation_reported
 
     cache = {} if cache is None else cache
     new = [prompt for prompt in dict.fromkeys(prompts) if (prompt, max_sequence_length) not in cache]
     with truncation_reported(pipe, new, max_sequence_length, "text encoders"):
         for prompt in new:
-            with torch.no_grad():
-                embeds, pooled, _ = pipe.encode_prompt(
-                    prompt=prompt, prompt_2=None, device=pipe._execution_device,
-                    max_sequence_length=max_sequence_length,
-                )
-            cache[(prompt, max_sequence_length)] = (embeds, pooled)
+            cache[(prompt, max_sequence_length)] = prompt_embeddings(pipe, prompt, max_sequence_length)
     return cache
 
 
@@ -107,6 +102,13 @@ def adapter_applied(pipe, adapter: str | Path | None, fold: bool = False) -> Ite
                 pipe.transformer.get_submodule(name).weight.copy_(weight)
 
 
+def noise_generator(seed: int) -> torch.Generator:
+    """The generator of the starting noise of the image of `seed`: on the CPU, so an image depends
+    only on its prompt and seed, and a refinement (artmaster.refine) starts from the same noise as
+    its original on any device."""
+    return torch.Generator("cpu").manual_seed(int(seed))
+
+
 def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, height: int, width: int,
                     steps: int, guidance: float, max_sequence_length: int, batch_size: int = 4,
                     embedding_cache: EmbeddingCache | None = None) -> list[Image.Image]:
@@ -137,41 +139,12 @@ def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, heigh
                 width=width,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                generator=[torch.Generator("cpu").manual_seed(int(seed)) for seed in batch_seeds],
+                generator=[noise_generator(seed) for seed in batch_seeds],
                 max_sequence_length=max_sequence_length,
                 output_type="pil",
             )
         images.extend(result.images)
     return images
-
-
-def image_grid(images: Sequence[Image.Image], columns: int, labels: Sequence[str] | None = None,
-               label_height: int = 14, gap: int = 2) -> Image.Image:
-    """Images in rows of `columns` (cells sized to the largest image), each with an optional label."""
-    if not images:
-        raise ValueError("image_grid: no images")
-    if labels is not None and len(labels) != len(images):
-        raise ValueError(f"image_grid: {len(images)} images but {len(labels)} labels")
-    columns = max(1, min(columns, len(images)))
-    rows = -(-len(images) // columns)
-    cell_w = max(image.width for image in images)
-    cell_h = max(image.height for image in images) + (label_height if labels is not None else 0)
-    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), "white")
-    draw = ImageDraw.Draw(grid)
-    for index, image in enumerate(images):
-        left, top = (index % columns) * (cell_w + gap), (index // columns) * (cell_h + gap)
-        grid.paste(image.convert("RGB"), (left, top))
-        if labels is not None:
-            draw.text((left + 2, top + image.height + 1), labels[index], fill="black")
-    return grid
-
-
-def save_image_atomic(image: Image.Image, path: Path) -> None:
-    """Write next to the target, then rename: a killed run never leaves a truncated picture."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial")
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
 
 
 def _parser(command: str) -> argparse.ArgumentParser:

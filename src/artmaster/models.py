@@ -124,6 +124,17 @@ def quiet_loggers(*names: str) -> Iterator[None]:
             logger.setLevel(level)
 
 
+def prompt_embeddings(pipe: FluxPipeline, prompts: str | list[str],
+                      max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The text encoders' output for `prompts`: T5 sequence (N, L, D) and CLIP pooled (N, P)
+    embeddings, without gradients. The one call of `encode_prompt` (train's cache, generation)."""
+    with torch.no_grad():
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=prompts, prompt_2=None, device=pipe._execution_device, max_sequence_length=max_sequence_length,
+        )
+    return embeds, pooled
+
+
 @contextmanager
 def truncation_reported(pipe: FluxPipeline, texts: list[str], max_sequence_length: int, stage: str,
                         report: bool = True) -> Iterator[None]:

@@ -24,12 +24,7 @@ from scipy import ndimage
 
 from artmaster.critic import Edit
 from artmaster.flux_math import resolution_shift_mu, unpack_latents
-
-
-def seeded_generator(seed: int) -> torch.Generator:
-    """The starting-noise generator `generate_images` gives an image of this seed (CPU, so the
-    original and its refinement start from the same noise on any device)."""
-    return torch.Generator("cpu").manual_seed(int(seed))
+from artmaster.generate import noise_generator
 
 
 class Refiner(Protocol):
@@ -104,7 +99,7 @@ def regional_latents(
     )
     latents, image_ids = pipe.prepare_latents(
         1, pipe.transformer.config.in_channels // 4, height, width, prompt_embeds.dtype, device,
-        seeded_generator(seed),
+        noise_generator(seed),
     )
     masks = masks.to(device)
     scheduler = pipe.scheduler
@@ -215,7 +210,7 @@ class InpaintRefiner:
             repainted = self.pipe(
                 prompt=edit.local_prompt, image=image, mask_image=box_mask, height=height, width=width,
                 strength=self.strength, num_inference_steps=steps, guidance_scale=guidance,
-                generator=seeded_generator(seed), max_sequence_length=max_sequence_length,
+                generator=noise_generator(seed), max_sequence_length=max_sequence_length,
             ).images[0]
             if repainted.size != image.size:
                 repainted = repainted.resize(image.size, Image.Resampling.LANCZOS)

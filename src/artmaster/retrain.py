@@ -42,11 +42,12 @@ from PIL import Image
 
 from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
-from artmaster.replicates import Replicate
+from artmaster.dataset import Example, scaled_size
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
+from artmaster.lora_card import base_model_name, lora_metrics, model_card, training_recipe
+from artmaster.replicates import Replicate
 from artmaster.tracking import child_run, log_summary, stage_run
-from artmaster.train import (Example, TrainSetup, make_accelerator, model_card, resume_identity, scaled_size,
-                             train)
+from artmaster.train import TrainSetup, make_accelerator, resume_identity, train
 from artmaster.train import headline as train_headline
 
 log = logging.getLogger(__name__)
@@ -311,17 +312,16 @@ def _loop_summary(metrics: dict) -> dict:
 def _write_sum(cfg: DictConfig, first: Path, second: Path, target: Path, summary: dict, note: str) -> None:
     """target = the plain LoRA `first` + `second` (concatenated, exact), with its model card."""
     from artmaster.adalora import concat_loras, read_lora, save_lora
-    from artmaster.train import _base_model_name, _recipe, lora_metrics
 
     out_features = linear_out_features(cfg.model)
     total = concat_loras([read_lora(first), read_lora(second)], out_features)
     ranks = dict(total.ranks)
     metrics = lora_metrics(summary)
     metrics.update(rank_total=sum(ranks.values()), rank_modules=len(ranks))
-    base_model = _base_model_name(cfg.model)
+    base_model = base_model_name(cfg.model)
     with staged_dir(target) as staging:
         files = save_lora(total, staging, base_model=base_model, trigger=str(cfg.train.trigger),
-                          metadata={"recipe": _recipe(cfg), "metrics": metrics,
+                          metadata={"recipe": training_recipe(cfg), "metrics": metrics,
                                     "parts": [str(first), str(second)]},
                           dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
         card = model_card(cfg, base_model, ranks, metrics, {k: Path(v).name for k, v in files.items()}, note)

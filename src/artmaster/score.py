@@ -28,6 +28,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig
 
 from artmaster.config import compose, params_hash
+from artmaster.files import write_atomic
 from artmaster.metrics import (
     FeatureSet,
     ModelSettings,
@@ -73,9 +74,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    temporary.replace(path)
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def _extract_folders(extractor: StyleFeatureExtractor, folders: dict[str, Path]) -> tuple[list[FeatureSet], list[dict]]:

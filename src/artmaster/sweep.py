@@ -20,6 +20,7 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from artmaster.files import write_atomic
 from artmaster.tracking import SWEEP_KEYS_ENV, describe
 
 
@@ -91,9 +92,7 @@ class SweepTracking(Callback):
         csv_text, markdown = render_summary(rows)
         for name, text in (("summary.csv", csv_text), ("summary.md", markdown)):
             path = self.sweep_dir / name
-            tmp = path.with_name(f".{name}.tmp")
-            tmp.write_text(text, encoding="utf-8")
-            tmp.replace(path)
+            write_atomic(path, text)
             mlflow.log_artifact(str(path))
         return rows
 

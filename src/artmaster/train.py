@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import random
-import re
 import shutil
 import statistics
 import time
@@ -47,8 +46,10 @@ from tqdm import tqdm
 from artmaster import checkpoints as sealing
 from artmaster import flux_math, replicates
 from artmaster.config import hydra_entry, params_hash, stage_dir
-from artmaster.files import (captioned, fsync_dir, labelled_grid, read_jsonl, remove_folder, replace_together,
+from artmaster.dataset import Example, load_examples
+from artmaster.files import (atomic_path, captioned, fsync_dir, labelled_grid, remove_folder, replace_together,
                              sort_safetensors_header, staged_dir, write_atomic)
+from artmaster.lora_card import base_model_name, lora_metrics, model_card, training_recipe
 from artmaster.tracking import child_run, log_summary, stage_run
 
 log = logging.getLogger(__name__)
@@ -84,58 +85,6 @@ def output_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return Path(HydraConfig.get().runtime.output_dir) / "train"
     return stage_dir(cfg, "train")
-
-
-# --- examples: crops joined with their captions -------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    sample_id: str
-    image_path: Path
-    caption: str
-    size: tuple[int, int]  # (width, height) in pixels after train.image_scale
-
-
-def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
-    """Pixel size after `scale`; FLUX needs both sides divisible by 16 (VAE /8, then 2x2 patches)."""
-    size = (round(width * scale), round(height * scale))
-    if size[0] % 16 or size[1] % 16 or min(size) <= 0:
-        raise ValueError(
-            f"{width}x{height} scaled by train.image_scale={scale} is {size[0]}x{size[1]}; "
-            "both sides must be positive multiples of 16"
-        )
-    return size
-
-
-def load_examples(cfg: DictConfig) -> list[Example]:
-    """Every training crop (`split: train`; the held-out scans' crops are evaluate's reference and
-    never trained on) that has a caption; a crop that cannot be used is reported and skipped."""
-    from artmaster.crop import TRAIN, split_rows
-
-    crop_dir = stage_dir(cfg, "crop").resolve()
-    captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
-    captions = {str(row["crop_id"]): str(row["caption"]) for row in read_jsonl(captions_file)}
-    examples, problems = [], []
-    for row in split_rows(read_jsonl(crop_dir / "crops.jsonl"), TRAIN):
-        crop_id = str(row.get("crop_id", ""))
-        path = (crop_dir / str(row.get("path", ""))).resolve()
-        if crop_id not in captions:
-            problems.append(f"{crop_dir / 'crops.jsonl'}: crop {crop_id!r} has no caption in {captions_file}")
-        elif not path.is_relative_to(crop_dir) or not path.is_file():
-            problems.append(f"{path}: crop {crop_id!r} image missing or outside {crop_dir}")
-        else:
-            try:
-                size = scaled_size(int(row["width"]), int(row["height"]), float(cfg.train.image_scale))
-            except (KeyError, ValueError) as error:
-                problems.append(f"{path}: crop {crop_id!r}: {error}")
-                continue
-            examples.append(Example(crop_id, path, captions[crop_id], size))
-    for problem in problems:
-        log.error("train: skipping %s", problem)
-    if not examples:
-        raise ValueError(f"train: no usable crop in {crop_dir} ({len(problems)} skipped: {'; '.join(problems[:3])})")
-    return sorted(examples, key=lambda e: e.sample_id)
 
 
 # --- cache: VAE posterior + text embeddings, once per crop and caption --------------------------
@@ -201,15 +150,6 @@ def prompt_key(prompt: str, fingerprint: str) -> str:
     return hashlib.sha256(f"prompt\0{prompt}\0{fingerprint}".encode("utf-8")).hexdigest()
 
 
-def encode_prompts(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """T5 sequence (N, L, D) and CLIP pooled (N, P) embeddings."""
-    with torch.no_grad():
-        prompt_embeds, pooled, _ = pipe.encode_prompt(
-            prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length
-        )
-    return prompt_embeds, pooled
-
-
 def encode_image(vae, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The VAE posterior of one image: mean and std, (16, H/8, W/8) each."""
     with torch.no_grad():
@@ -251,11 +191,10 @@ def _read_cached(path: Path, expected_id: str) -> dict[str, torch.Tensor] | None
 
 
 def _write_cached(path: Path, tensors: dict[str, torch.Tensor], sample_id: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     plain = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    save_file(plain, str(tmp), metadata={"sample_id": sample_id, "sha256": tensors_sha256(plain)})
-    sort_safetensors_header(tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file(plain, str(tmp), metadata={"sample_id": sample_id, "sha256": tensors_sha256(plain)})
+        sort_safetensors_header(tmp)
 
 
 @dataclass
@@ -278,6 +217,8 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
     Each entry is read from cache_dir when its content hash matches, else computed and written.
     A crop that cannot be encoded is reported and skipped.
     """
+    from artmaster.models import prompt_embeddings
+
     cache_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = encoder_fingerprint(model_cfg)
     max_len = int(model_cfg.max_sequence_length)
@@ -292,7 +233,7 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
         entry = _read_cached(path, example.sample_id)
         if entry is None:
             mean, std = encode_image(pipe.vae, pixels)
-            prompt_embeds, pooled = encode_prompts(pipe, [example.caption], max_len)
+            prompt_embeds, pooled = prompt_embeddings(pipe, [example.caption], max_len)
             entry = {"latent_mean": mean, "latent_std": std,
                      "prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
             _write_cached(path, entry, example.sample_id)
@@ -304,7 +245,7 @@ def build_cache(pipe, examples: list[Example], prompts: list[str], cache_dir: Pa
         path = cache_dir / f"{prompt_key(prompt, fingerprint)}.safetensors"
         entry = _read_cached(path, prompt)
         if entry is None:
-            prompt_embeds, pooled = encode_prompts(pipe, [prompt], max_len)
+            prompt_embeds, pooled = prompt_embeddings(pipe, [prompt], max_len)
             entry = {"prompt_embeds": prompt_embeds[0], "pooled_prompt_embeds": pooled[0]}
             _write_cached(path, entry, prompt)
         prompt_encodings[prompt] = entry
@@ -334,8 +275,9 @@ def free_encoders(pipe) -> None:
 # --- the batch plan: aspect buckets, repeats, epochs, ranks ------------------------------------
 
 
-def seeded_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
-    """A generator seeded from named parts, so every step's randomness is reproducible on resume."""
+def keyed_generator(*parts: object, device: str | torch.device = "cpu") -> torch.Generator:
+    """A generator seeded with a hash of named parts (seed, "step", rank, step, micro-batch): each
+    draw of the loop has its own stream, reproducible on resume whatever ran before it."""
     seed = int.from_bytes(hashlib.sha256("/".join(map(str, parts)).encode()).digest()[:8], "little") >> 1
     return torch.Generator(device=device).manual_seed(seed)
 
@@ -353,15 +295,17 @@ def epoch_batches(ids_by_size: dict[tuple[int, int], list[str]], repeats: int, b
     return [batches[i] for i in order]
 
 
-def rank_plan(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, repeats: int, batch_size: int,
-              world_size: int, rank: int, seed: int) -> list[list[str]]:
-    """This rank's micro-batches over all epochs; every rank gets the same count (DDP lockstep)."""
-    plan = []
+def process_batches(ids_by_size: dict[tuple[int, int], list[str]], *, epochs: int, repeats: int, batch_size: int,
+                    world_size: int, process_index: int, seed: int) -> list[list[str]]:
+    """The micro-batches of one DDP process (`process_index` of `world_size`; a process, not a
+    LoRA rank) over all epochs: every process gets the same count (DDP lockstep) and a disjoint
+    share of each epoch's batches."""
+    share = []
     for epoch in range(epochs):
-        batches = epoch_batches(ids_by_size, repeats, batch_size, seeded_generator(seed, "epoch", epoch))
-        per_rank = len(batches) // world_size
-        plan += batches[rank::world_size][:per_rank]
-    return plan
+        batches = epoch_batches(ids_by_size, repeats, batch_size, keyed_generator(seed, "epoch", epoch))
+        per_process = len(batches) // world_size
+        share += batches[process_index::world_size][:per_process]
+    return share
 
 
 def optimizer_steps(micro_batches: int, accumulation: int) -> int:
@@ -685,7 +629,7 @@ def validation_set(encodings, ids: list[str], sigmas: list[float], seed: int, fl
         batch = make_batch(encodings, [sample_id] * len(sigmas))
         latents = (batch.latent_mean - flow.vae_shift) * flow.vae_scale  # posterior mean: no sampling noise
         packed = flux_math.pack_latents(latents)
-        generator = seeded_generator(seed, "validation", sample_id, device=device)
+        generator = keyed_generator(seed, "validation", sample_id, device=device)
         batches.append(batch)
         tokens.append(packed)
         noise.append(torch.randn(packed.shape, generator=generator, device=device, dtype=packed.dtype))
@@ -905,7 +849,8 @@ def make_accelerator(cfg: DictConfig):
     settings = cfg.train
     use_cpu = cfg.model.device == "cpu" or not torch.cuda.is_available()
     if not use_cpu:
-        # field notes 6: cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13); flash runs
+        # cuDNN's SDPA backward failed for FLUX shapes (torch 2.11, CUDA 13: `mha_graph.execute`, then an
+        # illegal memory access); with it off, the flash backend runs (docs/performance.md, "Levers")
         torch.backends.cuda.enable_cudnn_sdp(False)
     return Accelerator(mixed_precision=str(settings.mixed_precision), cpu=use_cpu)
 
@@ -986,9 +931,9 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     for example in extra:
         ids_by_size[example.size] += [example.sample_id] * int(setup.extra_repeats)
     accumulation = int(settings.gradient_accumulation)
-    plan = rank_plan(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
-                     batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
-                     rank=accelerator.process_index, seed=int(cfg.seed))
+    plan = process_batches(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
+                           batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
+                           process_index=accelerator.process_index, seed=int(cfg.seed))
     total_step = optimizer_steps(len(plan), accumulation)
 
     # 3. model: AdaLoRA, optimizer, schedule, allocator; resume
@@ -1040,7 +985,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     rate = SteadyRate()
     for step in progress:
         micro_batches = [make_batch(encodings, ids) for ids in plan[(step - 1) * accumulation : step * accumulation]]
-        generators = [seeded_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
+        generators = [keyed_generator(cfg.seed, "step", accelerator.process_index, step, i, device=device)
                       for i in range(accumulation)]
         out_step = training_step(state, micro_batches, step, generators)
         watch.observe(step, out_step)
@@ -1147,7 +1092,7 @@ def _adapter_checksum(state: TrainingState) -> str:
 
 def _held_out_ids(ids: list[str], validation: DictConfig, seed: int) -> set[str]:
     count = min(int(validation.num_samples), len(ids))
-    order = torch.randperm(len(ids), generator=seeded_generator(seed, "validation-ids")).tolist()
+    order = torch.randperm(len(ids), generator=keyed_generator(seed, "validation-ids")).tolist()
     return {ids[i] for i in order[:count]}
 
 
@@ -1218,16 +1163,6 @@ def _final_metrics(history: list[dict], steps_run: int, train_seconds: float, to
 # what `_export` writes into the output folder, replaced together (metrics.json, the sign of a
 # finished run, last)
 EXPORTED = ("adapter", "lora", "ranks.json", "ranks.png", "loss.csv", "val_loss.csv", "headline.json", "metrics.json")
-# metrics that differ from run to run of the same recipe: MLflow and metrics.json hold them, the
-# exported LoRA never (its bytes stay a function of the recipe, so DVC sees nothing new downstream)
-TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds")
-
-
-def lora_metrics(metrics: dict) -> dict:
-    """The metrics a LoRA's header and model card carry: every number but the timings."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in TIMINGS}
-
-
 def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict], metrics: dict,
             note: str = "") -> None:
     """peft folder, plain LoRA + model card, rank report and heatmap, metrics.json, loss.csv: all
@@ -1245,9 +1180,9 @@ def _export(cfg: DictConfig, state: TrainingState, out: Path, history: list[dict
         ranks = rank_report(exported)
         metrics.update(rank_total=sum(ranks.values()), rank_min=min(ranks.values()),
                        rank_max=max(ranks.values()), rank_modules=len(ranks))
-        base_model = _base_model_name(cfg.model)
+        base_model = base_model_name(cfg.model)
         files = save_lora(exported, staging / "lora", base_model=base_model, trigger=str(cfg.train.trigger),
-                          metadata={"recipe": _recipe(cfg), "metrics": lora_metrics(metrics)},
+                          metadata={"recipe": training_recipe(cfg), "metrics": lora_metrics(metrics)},
                           dtype=str(cfg.train.export.dtype), kohya=bool(cfg.train.export.kohya))
         card = model_card(cfg, base_model, ranks, lora_metrics(metrics), {k: Path(v).name for k, v in files.items()},
                           note)
@@ -1277,89 +1212,6 @@ def headline(metrics: dict) -> dict:
     """The numbers `dvc metrics show` and the MLflow runs table show for a training run."""
     names = {"loss": "loss", "val_loss": "val_loss", "ranks": "rank_total"}
     return {name: metrics[key] for name, key in names.items() if key in metrics}
-
-
-def model_card(cfg: DictConfig, base_model: str, ranks: dict[str, int], metrics: dict, files: dict[str, str],
-               note: str = "") -> str:
-    """README.md of the plain LoRA: what it is, how to load it, the recipe, ranks and metrics;
-    `note` (retrain) says how it was made beyond the train stage."""
-    settings = cfg.train
-    trigger = str(settings.trigger)
-    by_kind: dict[str, list[int]] = defaultdict(list)
-    for module, rank in ranks.items():
-        by_kind[_layer_kind(module)].append(rank)
-    recipe = yaml_block(_recipe(cfg))
-    rank_lines = "\n".join(f"| {kind} | {len(values)} | {min(values)} | {sum(values) / len(values):.2f} "
-                           f"| {max(values)} |"
-                           for kind, values in sorted(by_kind.items()))
-    metric_lines = "\n".join(f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |"
-                             for k, v in metrics.items() if isinstance(v, (int, float)))
-    return f"""---
-base_model: {base_model}
-library_name: diffusers
-tags: [flux, lora, adalora, text-to-image, artmaster]
-instance_prompt: {trigger}
----
-# ArtMaster AdaLoRA adapter ({trigger})
-
-A LoRA for **{base_model}** trained by ArtMaster's `train` stage with AdaLoRA (per-module ranks
-chosen during training) and folded exactly into plain LoRA: every module has its own rank and
-`alpha = rank`, so every loader applies scale 1.
-{f"{chr(10)}{note}{chr(10)}" if note else ""}
-**Trigger phrase:** `{trigger}` (start prompts with it).
-
-## Files: which tool takes which
-- `{files.get("diffusers", "pytorch_lora_weights.safetensors")}`: diffusers format (`transformer.*` keys):
-  `FluxPipeline.load_lora_weights("<this folder>")`, and `artmaster generate --adapter <this folder>`.
-- `{files.get("kohya", "(not written)")}`: kohya / ComfyUI format (`lora_unet_*` keys, BFL layer
-  names, `alpha` = rank): ComfyUI's LoRA loader, kohya sd-scripts and Forge on FLUX.1-dev, and
-  `artmaster generate --adapter <this file>` on any model size (its converter reads the layer widths
-  from the model). diffusers' own kohya converter loads it only on FLUX.1-dev-sized models (it
-  hard-codes FLUX.1-dev's layer widths): with diffusers on the tiny demo model, load the diffusers file.
-
-## Ranks
-{len(ranks)} modules, {sum(ranks.values())} ranks in total (AdaLoRA init_r {settings.adalora.init_r},
-target_r {settings.adalora.target_r}).
-
-| layer | modules | min | mean | max |
-|---|---|---|---|---|
-{rank_lines}
-
-## Metrics
-| metric | value |
-|---|---|
-{metric_lines}
-
-## Recipe
-```yaml
-{recipe}```
-"""
-
-
-def _layer_kind(module: str) -> str:
-    """transformer_blocks.3.attn.to_q -> "double attn.to_q";
-    single_transformer_blocks.0.proj_mlp -> "single proj_mlp"."""
-    match = re.fullmatch(r"(single_)?transformer_blocks\.\d+\.(.+)", module)
-    if match is None:
-        return module
-    return f"{'single' if match.group(1) else 'double'} {match.group(2)}"
-
-
-def yaml_block(data: dict) -> str:
-    import yaml
-
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
-
-
-def _base_model_name(model_cfg: DictConfig) -> str:
-    if model_cfg.repo_id:
-        return f"{model_cfg.repo_id}@{model_cfg.revision}" if model_cfg.revision else str(model_cfg.repo_id)
-    return f"{model_cfg.profile} ({model_cfg.path})"
-
-
-def _recipe(cfg: DictConfig) -> dict:
-    train = OmegaConf.to_container(cfg.train, resolve=True)
-    return {k: v for k, v in train.items() if k not in ("samples", "validation", "checkpoint", "resume")}
 
 
 def _tag_run(cfg: DictConfig) -> None:
