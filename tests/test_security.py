@@ -221,11 +221,11 @@ def test_retrain_refuses_an_augment_record_pointing_outside_its_round(tmp_path):
 
 
 def test_every_stage_reading_crops_jsonl_checks_its_paths():
-    """crops.jsonl rows name files under data/crop: readers pass `within` (train checks each path
-    itself and skips an escaping one with a message: test_train.py)."""
+    """crops.jsonl rows name files under data/crop: readers pass `within` (dataset.load_examples,
+    train's reader, checks each path itself and skips an escaping one with a message: test_train.py)."""
     for path in SOURCES:
         for name, node, source in _calls(path):
-            if name == "read_jsonl" and ("crops" in source) and path.name != "train.py":
+            if name == "read_jsonl" and ("crops" in source) and path.name != "dataset.py":
                 assert _keyword(node, "within") is not None, f"{path.name}: {source}"
 
 

@@ -31,7 +31,7 @@ from artmaster.config import ConfigError, project_root
 
 KILL_TRAIN = r"""
 import os, signal, sys
-from artmaster import train
+from artmaster import runtime, train
 from artmaster.config import compose
 
 point, overrides = sys.argv[1], sys.argv[2:]
@@ -68,7 +68,9 @@ elif point == "checkpoint":  # right after step-000008 is written
             die()
         return path
     train.save_checkpoint = save_checkpoint
-train.run(compose(overrides))
+cfg = compose(overrides)
+runtime.apply(cfg.runtime)  # as the stage's entry point does (and the tests' conftest)
+train.run(cfg)
 """
 
 
