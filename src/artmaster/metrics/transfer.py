@@ -57,8 +57,8 @@ class ChannelMatcher:
 class JointMatcher:
     """Iterative distribution transfer onto a sample of the reference pixels."""
 
-    reference: np.ndarray  # (n, 3) float64 RGB sample
     rotations: np.ndarray  # (iterations, 3, 3) orthonormal
+    targets: np.ndarray  # (iterations, n, 3): the reference sample along each rotation's axes, sorted
 
     @classmethod
     def fit(cls, references: Sequence[Image.Image], iterations: int = 12, sample: int = 200_000,
@@ -68,14 +68,16 @@ class JointMatcher:
         if len(pixels) > sample:
             pixels = pixels[rng.choice(len(pixels), sample, replace=False)]
         rotations = np.stack([np.linalg.qr(rng.standard_normal((3, 3)))[0] for _ in range(iterations)])
-        return cls(pixels, rotations)
+        # the same for every image: sorted once here, not per image
+        return cls(rotations, np.stack([np.sort(pixels @ rotation, axis=0) for rotation in rotations]))
 
     def __call__(self, image: Image.Image) -> Image.Image:
         rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
         colours = rgb.reshape(-1, 3)
-        reference_quantiles = (np.arange(len(self.reference)) + 0.5) / len(self.reference)
-        for rotation in self.rotations:
-            rotated, target = colours @ rotation, np.sort(self.reference @ rotation, axis=0)
+        count = self.targets.shape[1]
+        reference_quantiles = (np.arange(count) + 0.5) / count
+        for rotation, target in zip(self.rotations, self.targets):
+            rotated = colours @ rotation
             for axis in range(3):
                 # each value's mid-rank quantile: equal colours share it, so the map is a function
                 # of the colour alone (a lookup table), as a filter is
