@@ -6,7 +6,7 @@ real headless Chromium (Debian package `chromium`) driven over the DevTools prot
 
 Shots: the MLflow runs table (with the headline columns), a training run's description, charts
 and sample images, the sweep (parent and points), `dvc plots show`'s page and
-data/evaluate/report.html. Chromium runs with a fresh profile and no network beyond 127.0.0.1.
+data/evaluate/report/report.html. Chromium runs with a fresh profile and no network beyond 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ def take_files(browser: Browser, out: Path) -> None:
         raise SystemExit(f"dvc plots show failed:\n{done.stderr}")
     browser.open((ROOT / "dvc_plots" / "index.html").as_uri(), settle=6)
     browser.shot(out / "dvc_plots.jpg", full_height=min(2600, browser.js("document.body.scrollHeight")))
-    report = ROOT / "data" / "evaluate" / "report.html"
+    report = ROOT / "data" / "evaluate" / "report" / "report.html"
     if report.is_file():
         browser.open(report.as_uri(), settle=3)
         browser.shot(out / "evaluate_report.jpg", quality=45, full_height=min(1500, browser.js("document.body.scrollHeight")))
