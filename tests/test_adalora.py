@@ -25,15 +25,6 @@ SETTINGS = {"tinit_fraction": 0.1, "tfinal_fraction": 0.3, "delta_t": 2, "init_r
             "target_modules": "attention_mlp", "beta1": 0.85, "beta2": 0.6}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny model gains nothing from threads, and on a shared 2-core machine they thrash."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @functools.cache
 def composed():
     """The composed default conf/ (composing takes about a second; tests only read it)."""
