@@ -1,5 +1,8 @@
-"""`dvc repro` on a copy of the repository: a second run runs nothing, and changing one caption
-parameter in conf/ re-runs only `compose` and `caption` (stages after caption are not asked for)."""
+"""`dvc repro` on a copy of the repository: a second run runs nothing, changing one caption
+parameter in conf/ re-runs only `compose` and `caption` (stages after caption are not asked for),
+and outputs pushed to a DVC remote (a local folder standing in for S3/GCS/SSH) are pulled into a
+fresh git clone byte for byte, after which `dvc repro caption` runs nothing. The three share one
+build up to `caption`."""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 from launch import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
+GIT = ("git", "-c", "user.name=artmaster-test", "-c", "user.email=test@artmaster.invalid")
 pytestmark = pytest.mark.slow
 
 
@@ -65,3 +69,26 @@ def test_changing_a_caption_parameter_reruns_only_compose_and_caption(workspace)
     after = (workspace / "data" / "caption" / "captions.jsonl").read_text(encoding="utf-8")
     assert after != before and "xiaohu-zeng style" in after and "zxh style" not in after
     assert "trigger: xiaohu-zeng style" in (workspace / "params.yaml").read_text(encoding="utf-8")
+
+
+def _outputs(repo: Path) -> dict[str, bytes]:
+    data = repo / "data"
+    return {p.relative_to(data).as_posix(): p.read_bytes() for p in sorted(data.rglob("*"))
+            if p.is_file() and p.name != ".gitignore"}
+
+
+def test_outputs_pushed_to_a_remote_are_pulled_into_a_fresh_clone_and_nothing_reruns(workspace, tmp_path):
+    remote, clone = tmp_path / "remote", tmp_path / "clone"
+    run("dvc", "remote", "add", "-f", "-d", "local", str(remote), cwd=workspace)
+    run(*GIT, "add", "-A", cwd=workspace)
+    run(*GIT, "commit", "-q", "--allow-empty", "-m", "pipeline up to caption", cwd=workspace)
+    pushed = run("dvc", "push", cwd=workspace)
+    assert remote.is_dir() and any(remote.rglob("*")), pushed
+
+    run("git", "clone", "-q", str(workspace), str(clone), cwd=tmp_path)
+    assert not (clone / "data" / "caption").exists()  # outputs travel through the remote, not git
+    run("dvc", "pull", "--with-deps", "caption", cwd=clone)  # the outputs up to caption
+    assert _outputs(clone) == _outputs(workspace)
+    output = run("dvc", "repro", "caption", cwd=clone)
+    assert stages_run(output) == [], output
+    assert "up to date" in run("dvc", "status", "--with-deps", "caption", cwd=clone).lower()

@@ -21,6 +21,15 @@ def test_replicates_count_up_from_the_seed_and_the_product_keeps_the_usual_folde
     assert second.adapter(Path("data/retrain/round_0/lora")) == Path("data/retrain/round_0/replicates/seed_6/lora")
 
 
+@pytest.mark.parametrize(("which", "others_render"), [("product", False), ("all", True)])
+def test_only_the_replicates_asked_for_render_training_samples(make_cfg, which, others_render):
+    cfg = make_cfg("replicates.count=2", f"replicates.samples={which}")
+    (_, product), (_, other) = replicates.each(cfg)
+    assert product.train.samples.enabled is True
+    assert other.train.samples.enabled is others_render
+    assert list(other.train.samples.prompts) == list(product.train.samples.prompts)  # same text encodings
+
+
 def test_a_count_below_one_is_refused(make_cfg):
     with pytest.raises(ValueError, match=r"replicates\.count=0"):
         replicates.replicates(make_cfg("replicates.count=0"))

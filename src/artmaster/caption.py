@@ -300,4 +300,5 @@ def run(cfg: DictConfig) -> dict:
     return {"out_dir": str(out_dir), **summary}
 
 
-main = hydra_entry(run)
+# only the vlm backend runs torch; the template captioner is numpy and pillow
+main = hydra_entry(run, uses_torch=lambda cfg: cfg.caption.backend != "template")

@@ -186,6 +186,7 @@ RANGES: dict[str, tuple[Callable[[object, DictConfig], bool], str]] = {
         _multiple_of_16(round(bucket[side] * v)) for bucket in cfg.crop.buckets.values() if bucket.enabled
         for side in ("width", "height")),
         "greater than 0 and keep both sides of every enabled crop bucket multiples of 16 (512 px: 0.25, 0.5, 1.0)"),
+    "replicates.samples": (lambda v, cfg: v in ("product", "all"), "product or all"),
     "tracking.timeout_s": (lambda v, cfg: v > 0, "greater than 0"),
     "tracking.retries": (lambda v, cfg: v >= 0, "at least 0"),
 }
@@ -281,9 +282,11 @@ def stage_dir(cfg: DictConfig, stage: str) -> Path:
     return Path(cfg.paths.data_dir) / stage
 
 
-def hydra_entry(run: Callable[[DictConfig], object], uses_torch: bool = True) -> Callable[[], None]:
+def hydra_entry(run: Callable[[DictConfig], object],
+                uses_torch: bool | Callable[[DictConfig], bool] = True) -> Callable[[], None]:
     """Wrap a stage's plain ``run(cfg)`` as a ``@hydra.main`` entry point over conf/config.yaml
-    (``uses_torch=False``: a stage that never runs torch skips torch's runtime settings)."""
+    (``uses_torch`` False, or a function of the config that says False: the stage never runs torch
+    and skips torch's runtime settings)."""
 
     @hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
     def _main(cfg: DictConfig):
@@ -293,7 +296,7 @@ def hydra_entry(run: Callable[[DictConfig], object], uses_torch: bool = True) ->
 
         try:
             validate(cfg, HydraConfig.get().overrides.task)
-            runtime.apply(cfg.runtime, uses_torch)
+            runtime.apply(cfg.runtime, uses_torch(cfg) if callable(uses_torch) else uses_torch)
             return run(cfg)
         except ConfigError as error:  # the user's to fix: one clear line, no traceback
             print(f"artmaster: {error}", file=sys.stderr)

@@ -42,8 +42,14 @@ class Replicate:
         return self.folder(product_adapter.parent) / product_adapter.name
 
     def config(self, cfg: DictConfig) -> DictConfig:
-        """`cfg` with this replicate's seed (every use of `seed` in the stages follows it)."""
-        return cfg if self.is_product else OmegaConf.merge(cfg, {"seed": self.seed})
+        """`cfg` with this replicate's seed (every use of `seed` in the stages follows it), and
+        without training samples unless `replicates.samples` is `all`."""
+        if self.is_product:
+            return cfg
+        changes: dict = {"seed": self.seed}
+        if cfg.replicates.samples == "product":
+            changes["train"] = {"samples": {"enabled": False}}
+        return OmegaConf.merge(cfg, changes)
 
 
 def replicates(cfg: DictConfig) -> list[Replicate]:

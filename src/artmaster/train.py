@@ -1125,7 +1125,7 @@ def _evaluate(cfg, state: TrainingState, pipe, prompt_encodings, vset: Validatio
             value = float(validation_loss(state.adapter, vset, state.flow))
             mlflow.log_metric(METRIC_NAMES["val_loss"], value, step=step)
             history.append({"step": step, "val_loss": value})
-        if sample and cfg.train.samples.prompts:
+        if sample and cfg.train.samples.enabled and cfg.train.samples.prompts:
             samples = render_samples(pipe, prompt_encodings, cfg.train.samples, state.accelerator.device)
             prompts = list(cfg.train.samples.prompts)
             for prompt, seed, image in samples:  # one slider per prompt and seed, the step on the slider
