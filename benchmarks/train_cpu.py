@@ -24,9 +24,12 @@ from collections import defaultdict
 import torch
 from accelerate import Accelerator
 
-from artmaster import dataset, runtime, train
+from artmaster import dataset, runtime
 from artmaster.config import compose
 from artmaster.models import build_random_pipeline
+from artmaster.training.batches import keyed_generator, make_batch, optimizer_steps, process_batches
+from artmaster.training.state import build_training_state
+from artmaster.training.step import training_step
 
 
 def synthetic_encodings(cfg, crops_per_bucket: int) -> tuple[dict, dict]:
@@ -67,19 +70,19 @@ def main() -> None:
     pipe = build_random_pipeline(cfg.model, with_text_encoders=False)
     encodings, ids_by_size = synthetic_encodings(cfg, args.crops_per_bucket)
     accumulation = int(cfg.train.gradient_accumulation)
-    plan = train.process_batches(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
+    plan = process_batches(ids_by_size, epochs=int(cfg.train.epochs), repeats=int(cfg.train.repeats),
                                  batch_size=int(cfg.train.batch_size), world_size=1, process_index=0,
                                  seed=int(cfg.seed))
-    total_step = train.optimizer_steps(len(plan), accumulation)
-    state = train.build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
+    total_step = optimizer_steps(len(plan), accumulation)
+    state = build_training_state(cfg, pipe.transformer, pipe.vae.config, total_step, accelerator)
 
     durations, samples = [], 0
     for step in range(1, args.warmup + args.steps + 1):
         ids = plan[(step - 1) * accumulation: step * accumulation]
-        batches = [train.make_batch(encodings, micro) for micro in ids]
-        generators = [train.keyed_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
+        batches = [make_batch(encodings, micro) for micro in ids]
+        generators = [keyed_generator(cfg.seed, "step", 0, step, i) for i in range(accumulation)]
         started = time.perf_counter()
-        out = train.training_step(state, batches, step, generators)
+        out = training_step(state, batches, step, generators)
         float(out["loss"])  # wait for the step (a no-op on CPU, kept for parity with GPU timing)
         if step > args.warmup:
             durations.append(time.perf_counter() - started)
@@ -87,7 +90,7 @@ def main() -> None:
 
     seconds = sum(durations)
     result = {
-        "what": "train_cpu: artmaster.train.training_step, demo experiment, tiny profile",
+        "what": "train_cpu: artmaster.training.step.training_step, demo experiment, tiny profile",
         "cpu": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

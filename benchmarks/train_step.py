@@ -13,7 +13,7 @@ update every step, a rank re-allocation every delta_t steps):
   LoRA weights under accelerate's bf16 autocast, eager (no compile), torch AdamW (not fused),
   clip 1.0; the same flow-matching loss as ours. With `-ckpt`: the example's
   --gradient_checkpointing. `reference_418`: the same on our 418-module set (same modules as ours).
-- adalora: `artmaster.train.training_step` as `experiment=artmaster_flux` composes it (the
+- adalora: `artmaster.training.step.training_step` as `experiment=artmaster_flux` composes it (the
   recipe: AdaLoRA init_r 12 -> target_r 8 on the 418-module set, bf16 weights, fp32 adapters,
   LoRA branch in bf16 with shared down-projections, regional compile with CUDA graphs, fused AdamW,
   `FastRankAllocator`, direct orthogonal gradient); `-ckpt` adds gradient checkpointing.
@@ -54,9 +54,12 @@ from types import SimpleNamespace
 import torch
 from omegaconf import OmegaConf
 
-from artmaster import lora_branch, models, train
+from artmaster import flux_math, lora_branch, models
 from artmaster.adalora import adalora_schedule, target_modules_regex
 from artmaster.config import compose
+from artmaster.training.batches import keyed_generator, make_batch, on_device
+from artmaster.training.state import build_training_state, compile_for_training, flow_settings
+from artmaster.training.step import flow_matching_loss, training_step
 
 GB = 1e9
 PROFILES = {
@@ -106,7 +109,7 @@ def rows_for(sizes, text_lengths) -> list[Row]:
         Row("reference_418", "reference", square, short, example_targets=False),
         Row("reference_418", "reference", square, short, checkpointing=True, example_targets=False),
         Row("adalora_no_cudagraphs", "adalora", square, short, overrides=no_graphs),
-        # with checkpointing the recipe compiles without CUDA graphs (train.compile_for_training)
+        # with checkpointing the recipe compiles without CUDA graphs (compile_for_training)
         Row("adalora", "adalora", square, short, checkpointing=True, recipe=True),
         Row("adalora_fp32_branch", "adalora", square, short, overrides=(
             *no_graphs, "train.lora_branch.precision=float32", "train.lora_branch.shared_down=false")),
@@ -159,7 +162,7 @@ def matmul_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> flo
 
 
 def encodings_for(cfg, size: tuple[int, int], text_tokens: int, batch: int, device, dtype) -> dict:
-    """Random tensors shaped like `batch` cached samples (train.build_cache), on the device."""
+    """Random tensors shaped like `batch` cached samples (`artmaster.training.encodings.build_cache`), on the device."""
     arch = cfg.model.architecture
     width, height = size
     generator = torch.Generator().manual_seed(0)
@@ -173,7 +176,7 @@ def encodings_for(cfg, size: tuple[int, int], text_tokens: int, batch: int, devi
         }
         for i in range(batch)
     }
-    return train.on_device(entries, device, dtype)
+    return on_device(entries, device, dtype)
 
 
 def sync(device) -> None:
@@ -223,16 +226,16 @@ def lora_state(cfg, transformer, vae_config, total_step: int, accelerator):
         param.data = param.data.float()
     on_cuda = all(p.is_cuda for p in params)
     lora_branch.configure(adapter, settings.lora_branch, on_cuda)
-    compiled, cudagraphs = train.compile_for_training(cfg, transformer, on_cuda)
+    compiled, cudagraphs = compile_for_training(cfg, transformer, on_cuda)
     optimizer, scheduler = _optimizer_and_schedule(settings, params, total_step, fused=on_cuda)
     model = accelerator.prepare(adapter)
-    flow = train.flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled)
+    flow = flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled)
     max_norm = float(settings.optim.max_grad_norm) if settings.optim.max_grad_norm else float("inf")
 
     def step(index, batches, generators):
         if cudagraphs:
             torch.compiler.cudagraph_mark_step_begin()
-        loss = train.flow_matching_loss(model, batches[0], flow, generators[0])
+        loss = flow_matching_loss(model, batches[0], flow, generators[0])
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, max_norm)
         optimizer.step()
@@ -259,11 +262,11 @@ def reference_state(cfg, transformer, vae_config, total_step: int, accelerator, 
                                        target_modules=targets))
     params = [param for param in transformer.parameters() if param.requires_grad]
     optimizer, scheduler = _optimizer_and_schedule(cfg.train, params, total_step, fused=False)
-    flow = train.flow_settings(cfg, transformer, vae_config)
+    flow = flow_settings(cfg, transformer, vae_config)
 
     def step(index, batches, generators):
         with accelerator.autocast():
-            loss = train.flow_matching_loss(transformer, batches[0], flow, generators[0])
+            loss = flow_matching_loss(transformer, batches[0], flow, generators[0])
         accelerator.backward(loss)
         accelerator.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -277,14 +280,14 @@ def reference_state(cfg, transformer, vae_config, total_step: int, accelerator, 
 def base_step(cfg, transformer, vae_config, accelerator):
     """The frozen transformer alone, eager: forward + backward to its input (no adapter, no optimizer)."""
     transformer.requires_grad_(False)
-    flow = train.flow_settings(cfg, transformer, vae_config)
+    flow = flow_settings(cfg, transformer, vae_config)
 
     def step(index, batches, generators):
         batch = batches[0]
-        tokens = train.flux_math.pack_latents(batch.latent_mean).to(flow.model_dtype).requires_grad_(True)
+        tokens = flux_math.pack_latents(batch.latent_mean).to(flow.model_dtype).requires_grad_(True)
         sigmas = torch.full((len(tokens),), 0.5, device=tokens.device)
-        guidance = train.flux_math.guidance_vector(1.0, len(tokens), tokens.device)
-        prediction = train.flux_math.predict_velocity(
+        guidance = flux_math.guidance_vector(1.0, len(tokens), tokens.device)
+        prediction = flux_math.predict_velocity(
             transformer, tokens, sigmas, prompt_embeds=batch.prompt_embeds,
             pooled_prompt_embeds=batch.pooled_prompt_embeds, image_ids=batch.image_ids,
             txt_ids=batch.txt_ids, guidance=guidance)
@@ -367,12 +370,12 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     accelerator = fresh_accelerator(mixed, device)
     unload, trainable, compiled, cudagraphs, state = None, 0, False, False, None
     if row.kind == "adalora":
-        state = train.build_training_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
+        state = build_training_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
         unload, trainable = state.adapter.unload, sum(p.numel() for p in state.params)
         compiled, cudagraphs = state.compiled, state.cudagraphs
 
         def step_fn(index, batches, generators):
-            return train.training_step(state, batches, index, generators)
+            return training_step(state, batches, index, generators)
     elif row.kind == "lora":
         unload, step_fn, trainable, compiled, cudagraphs = lora_state(
             cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
@@ -382,11 +385,11 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     else:
         step_fn = base_step(cfg, transformer, ctx.vae_config, accelerator)
     encodings = encodings_for(cfg, row.size, row.text_tokens, row.batch, device, transformer.dtype)
-    batches = [train.make_batch(encodings, sorted(encodings))]
+    batches = [make_batch(encodings, sorted(encodings))]
     first = ctx.tinit + 1  # the budget phase: importance update every step, masking every delta_t
 
     def args(index):
-        return index, batches, [train.keyed_generator(cfg.seed, "step", 0, index, 0, device=device)]
+        return index, batches, [keyed_generator(cfg.seed, "step", 0, index, 0, device=device)]
 
     graphs_before = dynamo_counts()
     sync(device)
@@ -553,7 +556,7 @@ def main() -> None:
     import peft
 
     report = {
-        "what": "artmaster.train.training_step against a diffusers-example-style step (benchmarks/train_step.py)",
+        "what": "artmaster.training.step.training_step against a diffusers-example-style step (benchmarks/train_step.py)",
         "date": datetime.date.today().isoformat(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "diffusers": diffusers.__version__, "peft": peft.__version__,

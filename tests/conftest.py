@@ -1,13 +1,17 @@
-"""Shared fixtures: every test composes the real conf/ with its outputs redirected to tmp_path."""
+"""Shared fixtures: every test composes the real conf/ with its outputs redirected to tmp_path;
+the train and augment stages' fixture data (module-scoped: built once per test file that asks)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest
+from helpers.augment import write_upstream
+from helpers.training import PORTRAIT, SQUARE, make_run_cfg, write_fixture_data
 
 from artmaster import runtime
 from artmaster.config import compose
@@ -38,3 +42,35 @@ def make_cfg(tmp_path):
         )
 
     return _make
+
+
+@pytest.fixture(scope="module")
+def train_assets(tmp_path_factory):
+    """A tiny random pipeline folder, six crops (4 square, 2 portrait) with captions, and an empty
+    MLflow store that each run copies (creating the SQLite schema takes seconds)."""
+    import mlflow
+
+    from artmaster.models import build_random_pipeline
+
+    root = tmp_path_factory.mktemp("train_assets")
+    build_random_pipeline(compose().model).save_pretrained(root / "pipeline")
+    write_fixture_data(root / "data", [SQUARE] * 4 + [PORTRAIT] * 2)
+    mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()
+    return root
+
+
+@pytest.fixture(scope="module")
+def train_reference(train_assets, tmp_path_factory):
+    """One uninterrupted tiny run: (config, metrics, output folder)."""
+    from artmaster import train
+
+    root = tmp_path_factory.mktemp("train_reference")
+    cfg = make_run_cfg(train_assets, root)
+    metrics = train.run(cfg)
+    return cfg, metrics, root / "data" / "train"
+
+
+@pytest.fixture(scope="module")
+def augment_upstream(tmp_path_factory) -> Path:
+    """data/ as the stages before augment leave it: crops, captions, base pipeline, LoRA."""
+    return write_upstream(tmp_path_factory.mktemp("upstream") / "data")

@@ -3,7 +3,6 @@ own code on the tiny FLUX transformer, resumable allocator state, rank report an
 
 from __future__ import annotations
 
-import functools
 import re
 import types
 
@@ -13,22 +12,16 @@ from diffusers import FluxTransformer2DModel
 from omegaconf import OmegaConf
 from peft import PeftModel
 from PIL import Image
+from helpers.tiny_model import composed, velocity
 
 from artmaster import adalora
-from artmaster.config import compose, conf_dir
-from artmaster.flux_math import guidance_vector, latent_image_ids, predict_velocity, text_ids
+from artmaster.config import conf_dir
 
 TOTAL_STEPS = 10  # tinit 1, final mask at step 7 (tfinal 3), masks at steps 2, 4, 6, re-masks 8-10
 # pinned so the expectations below hold whatever the recipe in conf/ says; the two importance
 # betas differ so that an allocator which swapped them would not match peft's
 SETTINGS = {"tinit_fraction": 0.1, "tfinal_fraction": 0.3, "delta_t": 2, "init_r": 12, "target_r": 8,
             "target_modules": "attention_mlp", "beta1": 0.85, "beta2": 0.6}
-
-
-@functools.cache
-def composed():
-    """The composed default conf/ (composing takes about a second; tests only read it)."""
-    return compose()
 
 
 def tiny_transformer() -> FluxTransformer2DModel:
@@ -43,22 +36,6 @@ def tiny_adalora(total_step: int = TOTAL_STEPS, **overrides):
     settings = OmegaConf.merge(composed().train.adalora, SETTINGS, overrides)
     torch.manual_seed(1)
     return adalora.wrap_with_adalora(tiny_transformer(), settings, total_step)
-
-
-def velocity(model, seed: int, batch: int = 2) -> torch.Tensor:
-    """The model's velocity prediction for random inputs fixed by `seed` (16 image + 8 text tokens)."""
-    arch = composed().model.architecture.transformer
-    g = torch.Generator().manual_seed(seed)
-    return predict_velocity(
-        model,
-        torch.randn(batch, 16, arch.in_channels, generator=g),
-        torch.rand(batch, generator=g),
-        prompt_embeds=torch.randn(batch, 8, arch.joint_attention_dim, generator=g),
-        pooled_prompt_embeds=torch.randn(batch, arch.pooled_projection_dim, generator=g),
-        image_ids=latent_image_ids(8, 8),
-        txt_ids=text_ids(8),
-        guidance=guidance_vector(1.0, batch),
-    )
 
 
 def train_step(model, optimizer, step: int) -> torch.Tensor:

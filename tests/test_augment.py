@@ -8,45 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from launch import accelerate_launch
+from helpers.augment import FAST
+from helpers.launch import accelerate_launch
 from omegaconf import OmegaConf
 from PIL import Image
-from tiny_upstream import write_base_and_lora
 
 from artmaster import augment
-from artmaster.painter import STYLES, paint
-
-CROPS = 5
-FAST = (
-    "augment.count=3",
-    "augment.generation.image_scale=0.125",  # 512 px bucket -> 64 px
-    "augment.generation.steps=3",
-    "critic.min_deviation=0.0",              # the random model deviates everywhere: always edit
-)
-
-
-@pytest.fixture(scope="module")
-def upstream(tmp_path_factory) -> Path:
-    """data/ as the stages before augment leave it: crops, captions, base pipeline, LoRA."""
-    data = tmp_path_factory.mktemp("upstream") / "data"
-    rows, captions = [], []
-    for i in range(CROPS):
-        crop_id = f"s{i}-512x512-00"
-        path = data / "crop" / "512x512" / f"{crop_id}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        paint(STYLES["zeng_xiaohu"], 128, 128, seed=i).save(path)
-        rows.append({"crop_id": crop_id, "scan_id": f"s{i}", "path": f"512x512/{crop_id}.png", "width": 512, "height": 512})
-        captions.append({"crop_id": crop_id, "caption": "zxh style, ink-wash mountains, mist, emerald dotted trees", "source": "template"})
-    (data / "crop" / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (data / "caption").mkdir()
-    (data / "caption" / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions))
-    write_base_and_lora(data)
-    return data
-
 
 @pytest.fixture
-def cfg_for(make_cfg, upstream, tmp_path):
-    shutil.copytree(upstream, tmp_path / "data")
+def cfg_for(make_cfg, augment_upstream, tmp_path):
+    shutil.copytree(augment_upstream, tmp_path / "data")
 
     def _make(*overrides: str):
         return make_cfg(*FAST, *overrides)

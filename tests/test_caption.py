@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
-from tiny_vlm import save_tiny_llava
+from helpers.tiny_vlm import save_tiny_llava
 
 from artmaster import caption, caption_words
 from artmaster.config import compose

@@ -21,7 +21,7 @@ from artmaster.critic import (
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.metrics.features import WEIGHT_FREE_BLOCKS
 from artmaster.painter import STYLES, paint
-from tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
+from helpers.tiny_vlm import save_tiny_llava, save_tiny_qwen2_vl
 
 LIMITS = BoxLimits(min_area=0.01, max_area=0.6, max_edits=5)
 
@@ -124,7 +124,7 @@ def test_grid_boxes_tile_the_image_at_each_scale():
 def painter_reference():
     from artmaster.config import compose
 
-    metrics = compose([]).evaluate.metrics
+    metrics = compose([]).style_metric
     extractor = StyleFeatureExtractor.from_config(metrics)
     works = [paint(STYLES["zeng_xiaohu"], 192, 192, seed) for seed in range(6)]
     return extractor, StyleModel.fit(extractor.extract(works), metrics)

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from bad_scans import shared_tracking_overrides
+from helpers.bad_scans import shared_tracking_overrides
 from PIL import ExifTags, Image, ImageOps
 
 from artmaster.config import compose

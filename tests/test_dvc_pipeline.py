@@ -82,19 +82,13 @@ def test_stage_lists_no_code_it_does_not_import(name):
     assert not unused, f"dvc.yaml stage {name!r} lists code it does not import: {unused}"
 
 
-# Stage modules that still import another stage module, and what they import: retrain runs train's
-# loop (`train.train`, `TrainSetup`, ...) until that loop moves into a library module (issue 16).
-# Shrink this table; never grow it: a stage shares code through a library module (dataset.py,
-# lora_card.py, generate.py, ...), see docs/architecture.md.
-STAGE_IMPORTS_ALLOWED = {"artmaster.retrain": {"artmaster.train"}}
-
-
 @pytest.mark.parametrize("module", sorted(STAGES.values()))
 def test_no_stage_imports_another_stage(module):
     stages = set(STAGES.values())
     imported = {name for name in artmaster_imports(module_file(module)) if name in stages and name != module}
-    assert imported <= STAGE_IMPORTS_ALLOWED.get(module, set()), (
-        f"{module} imports the stage module(s) {sorted(imported)}: move what they share into a library module")
+    assert not imported, (
+        f"{module} imports the stage module(s) {sorted(imported)}: move what they share into a library module "
+        "(dataset.py, generate.py, training/, ...; docs/architecture.md)")
 
 
 def test_artmaster_imports_resolve_to_files():
@@ -124,3 +118,30 @@ def test_plots_page_works_offline_and_declares_its_charset():
 def test_metrics_are_the_stages_headline_files():
     declared = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))["metrics"]
     assert declared and all(path.endswith("/headline.json") for path in declared)
+
+
+# docs/architecture.md's layers, top to bottom: a module imports its own layer or a lower one.
+LAYERS = {
+    "stages": ["compose", "demo_scans", "ingest", "crop", "caption", "base", "train", "augment", "retrain", "evaluate"],
+    "tools": ["cli", "score", "results", "sweep"],
+    "roles": ["generate", "critic", "refine", "report", "judge", "adherence"],
+    "training": ["training"],
+    "models": ["models", "adalora", "lora_branch", "flux_math", "vlm", "metrics", "processes", "replicates"],
+    "data": ["dataset", "caption_words", "imagestats", "painter"],
+    "plumbing": ["config", "runtime", "files", "tracking"],
+}
+
+
+def _layer_of(module: str) -> int:
+    top = module.split(".")[1]
+    return next(index for index, names in enumerate(LAYERS.values()) if top in names)
+
+
+def test_every_module_is_in_one_layer_and_imports_only_its_own_layer_or_lower():
+    modules = {".".join(("artmaster", *path.relative_to(PACKAGE).with_suffix("").parts)).removesuffix(".__init__")
+               for path in PACKAGE.rglob("*.py")} - {"artmaster"}
+    tops = {module.split(".")[1] for module in modules}
+    assert tops == {name for names in LAYERS.values() for name in names}, "LAYERS and src/artmaster/ differ"
+    upward = sorted(f"{module} -> {name}" for module in modules for name in artmaster_imports(module_file(module))
+                    if _layer_of(name) < _layer_of(module))
+    assert not upward, f"imports from a higher layer (docs/architecture.md): {upward}"

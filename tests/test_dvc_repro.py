@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from launch import offline_env
+from helpers.launch import offline_env
 
 ROOT = Path(__file__).resolve().parents[1]
 GIT = ("git", "-c", "user.name=artmaster-test", "-c", "user.email=test@artmaster.invalid")

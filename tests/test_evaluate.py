@@ -13,13 +13,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launch import accelerate_launch
+from helpers.launch import accelerate_launch
 from PIL import Image
-from tiny_upstream import write_base_and_lora
+from helpers.tiny_upstream import write_base_and_lora
 
 from artmaster import evaluate, results
 from artmaster.config import compose
-from artmaster.metrics import ModelSettings, StyleModel
+from artmaster.metrics import StyleModel
 from artmaster.painter import STYLES, paint
 
 # 4 held-out crops of two scans, 4 training crops of two others
@@ -40,8 +40,8 @@ FAST = (
     "evaluate.seeds=[0,1,2]",
     "evaluate.generation.image_scale=0.125",  # 512 px bucket -> 64 px
     "evaluate.generation.steps=2",
-    "evaluate.metrics.stats.bootstrap=200",
-    "evaluate.metrics.stats.permutations=500",
+    "style_metric.stats.bootstrap=200",
+    "style_metric.stats.permutations=500",
     "evaluate.judge.steps=10",
     "evaluate.judge.patch=16",
     "evaluate.judge.folds=2",
@@ -233,7 +233,7 @@ def test_committed_results_hold_the_verdicts_and_the_readme_section_comes_from_t
 
 
 def test_paired_effects_detect_a_consistent_shift_and_not_noise():
-    metrics = compose([]).evaluate.metrics
+    metrics = compose([]).style_metric
     plan = [(p, "prompt", s) for p in range(8) for s in range(3)]
     rng = np.random.default_rng(0)
     baseline = rng.normal(-2.0, 0.5, (1, 24))

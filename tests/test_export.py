@@ -11,7 +11,7 @@ from diffusers import FluxPipeline
 from omegaconf import OmegaConf
 from safetensors import safe_open
 from safetensors.torch import load_file
-from test_adalora import composed, velocity
+from helpers.tiny_model import composed, velocity
 
 from artmaster import adalora
 from artmaster.models import build_random_pipeline

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from bad_scans import MARKER, MIN_SIDE, build_bad_scans, painting, shared_tracking_overrides
+from helpers.bad_scans import MARKER, MIN_SIDE, build_bad_scans, painting, shared_tracking_overrides
 from PIL import Image
 
 from artmaster.config import compose
@@ -236,7 +236,7 @@ def test_unreadable_files_are_rejected_naming_the_permission(workspace, monkeypa
 
 
 def test_sidecars_in_other_encodings_are_decoded_or_rejected_alone(corpus):
-    from bad_scans import SIDECARS
+    from helpers.bad_scans import SIDECARS
 
     for name, (_, caption) in SIDECARS.items():
         row = corpus.rows[name]

@@ -7,7 +7,6 @@ import logging
 
 import numpy as np
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image, ImageFilter
 
 from artmaster.config import compose
@@ -32,7 +31,7 @@ SIZE = (256, 192)
 
 @pytest.fixture(scope="module")
 def metrics():
-    return compose().evaluate.metrics
+    return compose().style_metric
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 import pytest
-from bad_scans import MIN_SIDE, painting, shared_tracking_overrides
-from launch import offline_env
+from helpers.bad_scans import MIN_SIDE, painting, shared_tracking_overrides
+from helpers.launch import offline_env
 from omegaconf import OmegaConf
 
 from artmaster import crop, ingest
@@ -78,9 +78,11 @@ def _calls(path: Path) -> set[str]:
 @pytest.mark.parametrize("stage", sorted(STAGES))
 def test_every_stage_writes_its_outputs_through_a_temporary_name_and_a_rename(stage):
     """Whole-folder stages write into `staged_dir`; stages that resume (train, augment, retrain)
-    write each file with `write_atomic` / `save_image_atomic` / a staged sub-folder; compose writes
-    params.yaml with `write_atomic`."""
-    calls = _calls(PACKAGE / f"{STAGES[stage].split('.')[-1]}.py")
+    write each file with `write_atomic` / `save_image_atomic` / a staged sub-folder (train through
+    the training package it runs); compose writes params.yaml with `write_atomic`."""
+    module = PACKAGE / f"{STAGES[stage].split('.')[-1]}.py"
+    files = [module] + (sorted((PACKAGE / "training").glob("*.py")) if "artmaster.training" in module.read_text() else [])
+    calls = set().union(*map(_calls, files))
     assert calls & {"staged_dir", "write_atomic", "save_image_atomic"}, f"{stage} writes no output atomically"
 
 

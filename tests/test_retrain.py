@@ -22,7 +22,7 @@ from artmaster.adalora import (DIFFUSERS_WEIGHT_NAME, concat_loras, export_lora,
                                read_lora)
 from artmaster.config import compose
 from artmaster.models import build_random_pipeline
-from test_train import SQUARE, write_fixture_data
+from helpers.training import SQUARE, write_fixture_data
 
 # the loop at its smallest: 2 training crops (2 held), no sample images, validation at the end only
 TINY = (

@@ -11,10 +11,10 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from PIL import Image
-from test_train import assets, make_run_cfg  # noqa: F401  (assets: fixture)
+from helpers.training import make_run_cfg
 
 from artmaster import train
-from artmaster.tracking import log_picture, log_summary, stage_run
+from artmaster.tracking import log_summary, stage_run
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "review.ipynb"
 pytestmark = pytest.mark.slow
@@ -27,19 +27,17 @@ def outputs(notebook, kind: str) -> list:
 
 def record_an_evaluation(cfg, folder: Path) -> None:
     """What the evaluate stage leaves in MLflow for the notebook: headline, summary.md, grid.png."""
-    import mlflow
-
     folder.mkdir()
     Image.new("RGB", (64, 32), "white").save(folder / "grid.png")
     (folder / "summary.md").write_text("| model | style_score |\n|---|---|\n| adapter | -4.1 |\n", encoding="utf-8")
-    with stage_run(cfg, "evaluate", sections=()):
+    with stage_run(cfg, "evaluate", sections=()) as tracker:
         log_summary({"adapter_gain": 0.336})
-        mlflow.log_artifact(str(folder / "summary.md"), artifact_path="evaluate")
-        log_picture(folder / "grid.png", "evaluate")
+        tracker.log_artifact(folder / "summary.md", artifact_path="evaluate")
+        tracker.log_picture(folder / "grid.png", "evaluate")
 
 
-def test_review_notebook_executes_against_a_tiny_run(assets, tmp_path, monkeypatch):  # noqa: F811
-    cfg = make_run_cfg(assets, tmp_path, "train.samples.every=6")
+def test_review_notebook_executes_against_a_tiny_run(train_assets, tmp_path, monkeypatch):
+    cfg = make_run_cfg(train_assets, tmp_path, "train.samples.every=6")
     train.run(cfg)
     record_an_evaluation(cfg, tmp_path / "evaluation")
     monkeypatch.setenv("ARTMASTER_TRACKING_URI", str(cfg.tracking.uri))

@@ -116,7 +116,7 @@ def test_validate_metric_on_synthetic_painters_meets_its_targets(tmp_path, capsy
 
 def test_hydra_overrides_reach_the_metric_settings(folders, tmp_path):
     outputs = []
-    for overrides in ([], ["evaluate.metrics.model.k=1"]):
+    for overrides in ([], ["style_metric.model.k=1"]):
         out = tmp_path / f"run{len(outputs)}.json"
         argv = ["--reference", str(folders["reference"]), "--images", str(folders["images"]), "--json", str(out)]
         assert cli("score", argv + overrides) == 0
@@ -131,7 +131,7 @@ def test_bad_flags_and_overrides_are_usage_errors(folders, capsys):
         cli("score", [*base, "--frobnicate"])
     assert exit_info.value.code == 2
     with pytest.raises(SystemExit):
-        cli("score", [*base, "evaluate.metrics.no_such_key=1"])
+        cli("score", [*base, "style_metric.no_such_key=1"])
     assert "no_such_key" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli("validate-metric", ["--painter", str(folders["reference"])])

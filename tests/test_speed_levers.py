@@ -11,9 +11,12 @@ import torch.utils.checkpoint
 from accelerate import Accelerator
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from artmaster import flux_math, lora_branch, models, train
+from artmaster import flux_math, lora_branch, models
 from artmaster.adalora import ExportedLora, save_lora, set_input_casting, target_modules_regex, wrap_with_adalora
 from artmaster.generate import load_adapter
+from artmaster.training.batches import keyed_generator, make_batch, on_device
+from artmaster.training.state import FlowSettings, _direct_orthogonal, build_training_state
+from artmaster.training.step import training_step
 
 
 def _inputs(cfg, batch: int = 2, text: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -35,7 +38,7 @@ def _encodings(cfg) -> dict:
 
 def _state(cfg):
     pipe = models.build_random_pipeline(cfg.model, with_text_encoders=False)
-    return train.build_training_state(cfg, pipe.transformer, pipe.vae.config, 20, Accelerator(cpu=True))
+    return build_training_state(cfg, pipe.transformer, pipe.vae.config, 20, Accelerator(cpu=True))
 
 
 def test_direct_orthogonal_gradient_trains_like_the_autograd_term(make_cfg):
@@ -45,8 +48,8 @@ def test_direct_orthogonal_gradient_trains_like_the_autograd_term(make_cfg):
         cfg = make_cfg("experiment=demo", f"train.adalora.orth_gradient={mode}")
         state = _state(cfg)
         assert state.direct_orthogonal == (mode == "direct")
-        outs = [train.training_step(state, [train.make_batch(encodings, ["s0", "s1"])], step,
-                                    [train.keyed_generator(0, step)]) for step in (1, 2, 3)]
+        outs = [training_step(state, [make_batch(encodings, ["s0", "s1"])], step,
+                                    [keyed_generator(0, step)]) for step in (1, 2, 3)]
         results[mode] = (outs, {name: p.detach().clone() for name, p in state.named_params})
     (outs_a, params_a), (outs_d, params_d) = results["autograd"], results["direct"]
     for a, d in zip(outs_a, outs_d):
@@ -59,9 +62,9 @@ def test_direct_orthogonal_gradient_trains_like_the_autograd_term(make_cfg):
 
 def test_orth_gradient_auto_is_direct_on_cuda_only_and_bad_modes_are_named(make_cfg):
     assert _state(make_cfg("experiment=demo")).direct_orthogonal is False  # auto on the CPU
-    assert train._direct_orthogonal("auto", on_cuda=True) is True
+    assert _direct_orthogonal("auto", on_cuda=True) is True
     with pytest.raises(ValueError, match="orth_gradient='fast'"):
-        train._direct_orthogonal("fast", on_cuda=False)
+        _direct_orthogonal("fast", on_cuda=False)
 
 
 def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(make_cfg):
@@ -104,9 +107,9 @@ def test_bf16_weights_without_autocast_train_fp32_adapters(make_cfg):
     assert layers and all(m.cast_input_dtype_enabled for m in layers)
     assert {p.dtype for p in state.params} == {torch.float32}
     before = [p.detach().clone() for p in state.params]
-    batch = train.make_batch(train.on_device(_encodings(cfg), "cpu", torch.bfloat16), ["s0", "s1"])
+    batch = make_batch(on_device(_encodings(cfg), "cpu", torch.bfloat16), ["s0", "s1"])
     for step in (1, 2):  # step 1 runs at the warm-up's lr 0
-        out = train.training_step(state, [batch], step, [train.keyed_generator(0, step)])
+        out = training_step(state, [batch], step, [keyed_generator(0, step)])
         assert torch.isfinite(out["loss"]) and float(out["grad_norm"]) > 0
     assert any(not torch.equal(a, p) for a, p in zip(before, state.params))
 
@@ -292,8 +295,8 @@ def test_the_fast_branch_trains_like_peft_and_exports_exactly(make_cfg):
         state = _state(cfg)
         switched = [m for m in state.adapter.modules() if type(m).__name__.startswith("Fast")]
         assert bool(switched) == (branch == "model")
-        outs = [train.training_step(state, [train.make_batch(encodings, ["s0", "s1"])], step,
-                                    [train.keyed_generator(0, step)]) for step in (1, 2, 3)]
+        outs = [training_step(state, [make_batch(encodings, ["s0", "s1"])], step,
+                                    [keyed_generator(0, step)]) for step in (1, 2, 3)]
         results[branch] = (outs, {name: p.detach().clone() for name, p in state.named_params}, state)
     (outs_p, params_p, _), (outs_f, params_f, state) = results["float32"], results["model"]
     for a, b in zip(outs_p, outs_f):
@@ -353,7 +356,7 @@ def _counting_backend(graphs: list):
 
 @pytest.mark.parametrize("shared", [False, True])
 def test_compiled_training_traces_one_graph_per_block_class_and_shape(make_cfg, shared):
-    """The training compile (`train.compile_for_training`, here with a counting backend on the CPU):
+    """The training compile (`compile_for_training`, here with a counting backend on the CPU):
     two bucket shapes give 2 x 2 graphs, none broken; the inputs of the first double block require
     grad and the first single block gets views like every later one, as without the fixes each
     block class would trace twice per shape."""
@@ -362,14 +365,14 @@ def test_compiled_training_traces_one_graph_per_block_class_and_shape(make_cfg, 
     graphs: list = []
     models.compile_blocks(state.adapter.base_model.model, backend=_counting_backend(graphs), dynamic=False,
                           fullgraph=True)
-    state.flow = train.FlowSettings(**{**state.flow.__dict__, "inputs_require_grad": True})
+    state.flow = FlowSettings(**{**state.flow.__dict__, "inputs_require_grad": True})
     arch = cfg.model.architecture.transformer
     g = torch.Generator().manual_seed(0)
     for step, (h, w) in enumerate([(8, 8), (8, 8), (12, 8), (12, 8), (8, 8)], 1):
         encodings = {"s": {"latent_mean": torch.randn(16, h, w, generator=g), "latent_std": torch.full((16, h, w), .05),
                            "prompt_embeds": torch.randn(8, arch.joint_attention_dim, generator=g),
                            "pooled_prompt_embeds": torch.randn(arch.pooled_projection_dim, generator=g)}}
-        out = train.training_step(state, [train.make_batch(encodings, ["s"])], step, [train.keyed_generator(0, step)])
+        out = training_step(state, [make_batch(encodings, ["s"])], step, [keyed_generator(0, step)])
         assert torch.isfinite(out["loss"])
     assert len(graphs) == 4
     models.uncompile_blocks(state.adapter.base_model.model)

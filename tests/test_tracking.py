@@ -3,24 +3,24 @@ import json
 import mlflow
 
 from artmaster.sweep import sweep_points
-from artmaster.tracking import flatten, log_summary, short_overrides, stage_run
+from artmaster.tracking import NO_TRACKING, active, flatten, log_summary, short_overrides, stage_run
 
 
 def test_stage_run_logs_params_tags_and_nests_under_an_active_run(make_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_STAGE", "crop")
     cfg = make_cfg("crop=default")
     with stage_run(cfg, "crop", sections=("crop", "seed")) as run:
-        mlflow.log_metric("crops", 3)
+        run.log_metric("crops", 3)
         with stage_run(cfg, "child", sections=("seed",)) as child:
             pass
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-    logged = client.get_run(run.info.run_id)
+    logged = client.get_run(run.run_id)
     assert logged.data.tags["dvc.stage"] == "crop"
     assert logged.data.tags["artmaster.stage"] == "crop"
     assert len(logged.data.tags["params_hash"]) == 12
     assert logged.data.params["seed"] == str(cfg.seed)
     assert logged.data.metrics["crops"] == 3
-    assert client.get_run(child.info.run_id).data.tags["mlflow.parentRunId"] == run.info.run_id
+    assert client.get_run(child.run_id).data.tags["mlflow.parentRunId"] == run.run_id
     assert (tmp_path / "mlflow.db").is_file()
 
 
@@ -39,7 +39,7 @@ def test_experiment_opens_as_model_training_and_runs_say_what_they_did(make_cfg,
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment_name)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
-    logged = client.get_run(run.info.run_id)
+    logged = client.get_run(run.run_id)
     assert logged.info.run_name == "train r=8 lr=1e-2"
     description = logged.data.tags["mlflow.note.content"]
     assert description.startswith("Stage `train`: AdaLoRA fine-tuning") and "`artmaster train`" in description
@@ -72,8 +72,42 @@ def test_model_shape_and_fixed_lists_go_to_config_yaml_not_params(make_cfg):
     with stage_run(cfg, "train", sections=("train", "model")) as run:
         pass
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
-    params = client.get_run(run.info.run_id).data.params
+    params = client.get_run(run.run_id).data.params
     assert params["train.optim.lr"] == str(cfg.train.optim.lr) and "model.max_sequence_length" in params
     assert not any(key.startswith(("model.architecture.", "train.samples.")) for key in params)
     assert len(params) < 60
-    assert "config.yaml" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert "config.yaml" in {a.path for a in client.list_artifacts(run.run_id)}
+
+
+def test_with_tracking_off_the_tracker_records_nothing_and_mlflow_is_never_imported(make_cfg, monkeypatch):
+    """The no-op twin: the same calls, nothing recorded, mlflow not needed (`import mlflow` fails
+    here); `active()` is the innermost open run's tracker, and the no-op one outside any run."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlflow", None)
+    cfg = make_cfg("tracking.enabled=false")
+    assert active() is NO_TRACKING
+    with stage_run(cfg, "crop", sections=("crop",)) as tracker:
+        assert tracker is active() and not tracker.enabled and tracker.run_id is None
+        tracker.log_metrics({"crops": 3}, step=1)
+        tracker.set_tags({"a": "b"})
+        with tracker.child("crop", "seed 1") as child:
+            assert child is tracker
+            child.log_artifact("no/such/file")
+        assert log_summary({"crops": 3}) == {"crops": 3}
+    assert active() is NO_TRACKING
+
+
+def test_active_is_the_innermost_run_and_a_child_records_into_its_own_run(make_cfg):
+    cfg = make_cfg()
+    with stage_run(cfg, "train", sections=()) as run:
+        assert active() is run and run.enabled
+        with run.child("train", "seed 1") as child:
+            assert active() is child and child.run_id != run.run_id
+            child.log_metric("loss", 0.5, step=1)
+        assert active() is run
+    assert active() is NO_TRACKING
+    client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    logged = client.get_run(child.run_id)
+    assert logged.data.metrics == {"loss": 0.5} and logged.data.tags["mlflow.parentRunId"] == run.run_id
+    assert logged.info.run_name == "train seed 1" and logged.data.tags["artmaster.stage"] == "train"

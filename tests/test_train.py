@@ -5,93 +5,22 @@ from __future__ import annotations
 
 import csv
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
-from launch import accelerate_launch, offline_env
+from helpers.launch import accelerate_launch, offline_env
+from helpers.training import FAST, PORTRAIT, SQUARE, killed_at_step, make_run_cfg, write_fixture_data
 from safetensors.torch import load_file
 
 from artmaster import dataset, models, train
 from artmaster.config import compose, project_root
-from artmaster.models import build_random_pipeline
-
-SQUARE, PORTRAIT = (512, 512), (512, 768)
-
-
-def write_fixture_data(data_dir: Path, sizes: list[tuple[int, int]]) -> None:
-    """crops.jsonl + PNGs and captions.jsonl the way the crop and caption stages write them."""
-    crop_dir, caption_dir = data_dir / "crop", data_dir / "caption"
-    rows, captions = [], []
-    rng = np.random.default_rng(0)
-    for index, (width, height) in enumerate(sizes):
-        bucket = f"{width}x{height}"
-        crop_id = f"scan{index}-{bucket}-00"
-        (crop_dir / bucket).mkdir(parents=True, exist_ok=True)
-        coarse = rng.uniform(0, 255, (height // 64, width // 64, 3)).astype(np.uint8)
-        image = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
-        image.save(crop_dir / bucket / f"{crop_id}.png")
-        rows.append({"crop_id": crop_id, "scan_id": f"scan{index}", "bucket": bucket, "width": width,
-                     "height": height, "box": [0, 0, width, height], "path": f"{bucket}/{crop_id}.png",
-                     "split": "train"})
-        captions.append({"crop_id": crop_id, "caption": f"zxh style, ink mountains, mist {index}",
-                         "source": "template"})
-    caption_dir.mkdir(parents=True, exist_ok=True)
-    (crop_dir / "crops.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    (caption_dir / "captions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in captions), encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    """A tiny random pipeline folder, six crops (4 square, 2 portrait) with captions, and an empty
-    MLflow store that each run copies (creating the SQLite schema takes seconds)."""
-    import mlflow
-
-    root = tmp_path_factory.mktemp("train_assets")
-    build_random_pipeline(compose().model).save_pretrained(root / "pipeline")
-    write_fixture_data(root / "data", [SQUARE] * 4 + [PORTRAIT] * 2)
-    mlflow.MlflowClient(f"sqlite:///{root / 'mlflow.db'}").search_experiments()
-    return root
-
-
-# 4 training crops (2 held out), batches of 2, 2 repeats, 3 epochs: 12 optimizer steps
-FAST = (
-    "train.epochs=3", "train.repeats=2", "train.batch_size=2", "train.log_every=2",
-    "train.checkpoint.every=4", "train.checkpoint.keep=2", "train.checkpoint.keep_after_success=true",
-    "train.validation.every=6", "train.samples.every=12", "train.samples.seeds=[0]",
-    "train.samples.width=64", "train.samples.height=64", "train.samples.steps=2",
-    "train.adalora.delta_t=2", "replicates.count=1",
-)
-
-
-def make_run_cfg(assets: Path, root: Path, *overrides: str):
-    """The demo config on the fixture data, outputs and MLflow store under `root`."""
-    data = root / "data"
-    for stage in ("crop", "caption"):
-        if not (data / stage).exists():
-            shutil.copytree(assets / "data" / stage, data / stage)
-    if not (root / "mlflow.db").exists():
-        shutil.copy(assets / "mlflow.db", root / "mlflow.db")
-    return compose([
-        f"paths.data_dir={data}", f"model.path={assets / 'pipeline'}",
-        f"tracking.uri=sqlite:///{root / 'mlflow.db'}", f"tracking.artifact_dir={root / 'mlartifacts'}",
-        *FAST, *overrides,
-    ])
-
-
-@pytest.fixture(scope="module")
-def reference(assets, tmp_path_factory):
-    """One uninterrupted tiny run: (config, metrics, output folder)."""
-    root = tmp_path_factory.mktemp("train_reference")
-    cfg = make_run_cfg(assets, root)
-    metrics = train.run(cfg)
-    return cfg, metrics, root / "data" / "train"
-
+from artmaster.training.batches import optimizer_steps, process_batches
+from artmaster.training.checkpoints import list_checkpoints
+from artmaster.training.encodings import build_cache, encode_image, load_pixels
+from artmaster.training.step import flow_matching_loss
 
 # --- pure helpers -------------------------------------------------------------------------------
 
@@ -100,21 +29,21 @@ def test_plan_keeps_one_bucket_per_batch_and_every_repeat():
     ids_by_size = {(128, 128): ["a", "b", "c"], (128, 192): ["d", "e"]}
     size_of = {i: size for size, ids in ids_by_size.items() for i in ids}
     one = dict(epochs=3, repeats=2, batch_size=2, world_size=1, process_index=0)  # one process
-    plan = train.process_batches(ids_by_size, **one, seed=0)
+    plan = process_batches(ids_by_size, **one, seed=0)
     assert all(len({size_of[i] for i in batch}) == 1 for batch in plan)
     counts = {i: sum(batch.count(i) for batch in plan) for i in size_of}
     assert counts == {i: 6 for i in size_of}  # 3 epochs x 2 repeats
-    assert plan == train.process_batches(ids_by_size, **one, seed=0)
-    assert plan != train.process_batches(ids_by_size, **one, seed=1)
+    assert plan == process_batches(ids_by_size, **one, seed=0)
+    assert plan != process_batches(ids_by_size, **one, seed=1)
     # two processes: equal lengths (lockstep), disjoint shares of each epoch
-    rank0, rank1 = (train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2,
+    rank0, rank1 = (process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2, world_size=2,
                                           process_index=r, seed=0)
                     for r in (0, 1))
-    assert len(rank0) == len(rank1) == len(train.process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2,
+    assert len(rank0) == len(rank1) == len(process_batches(ids_by_size, epochs=1, repeats=2, batch_size=2,
                                                                  world_size=1, process_index=0, seed=0)) // 2
-    assert train.optimizer_steps(len(plan), 4) == len(plan) // 4
+    assert optimizer_steps(len(plan), 4) == len(plan) // 4
     with pytest.raises(ValueError, match="gradient_accumulation=99"):
-        train.optimizer_steps(3, 99)
+        optimizer_steps(3, 99)
 
 
 def test_scaled_size_must_stay_a_multiple_of_16():
@@ -152,18 +81,18 @@ def test_only_training_split_crops_are_examples(tmp_path):
     assert [e.sample_id for e in examples] == [rows[0]["crop_id"], rows[3]["crop_id"]]
 
 
-def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, monkeypatch):
+def test_cache_is_keyed_by_sample_id_and_content_and_reused(train_assets, tmp_path, monkeypatch):
     from artmaster.models import load_pipeline
 
-    cfg = make_run_cfg(assets, tmp_path)
+    cfg = make_run_cfg(train_assets, tmp_path)
     pipe = load_pipeline(cfg.model)
     examples = dataset.load_examples(cfg)[:2]
     cache = tmp_path / "cache"
-    encoded = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
+    encoded = build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     encodings, used = encoded.samples, encoded.files
     assert len(used) == 3 and len(list(cache.glob("*.safetensors"))) == 3
     for example in examples:  # each entry holds its own crop's latents and its own caption's embedding
-        mean, _ = train.encode_image(pipe.vae, train.load_pixels(example))
+        mean, _ = encode_image(pipe.vae, load_pixels(example))
         embeds, _ = models.prompt_embeddings(pipe, [example.caption], cfg.model.max_sequence_length)
         assert torch.equal(encodings[example.sample_id]["latent_mean"], mean)
         assert torch.equal(encodings[example.sample_id]["prompt_embeds"], embeds[0])
@@ -171,9 +100,9 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
     def refuse(*args, **kwargs):
         raise AssertionError("encoder called although the cache holds this entry")
 
-    monkeypatch.setattr(train, "encode_image", refuse)
+    monkeypatch.setattr("artmaster.training.encodings.encode_image", refuse)
     monkeypatch.setattr(models, "prompt_embeddings", refuse)
-    again = train.build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
+    again = build_cache(pipe, examples, ["a prompt"], cache, cfg.model, False)
     assert again.files == used
     again = again.samples
     assert all(torch.equal(again[k]["latent_mean"], encodings[k]["latent_mean"]) for k in encodings)
@@ -181,16 +110,16 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(assets, tmp_path, mo
     # swapping the two captions changes both keys: nothing stale can be paired with the wrong crop
     swapped = [dataset.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
     monkeypatch.undo()
-    assert not train.build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
+    assert not build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
 
 
 # --- the stage ----------------------------------------------------------------------------------
 
 
-def test_run_writes_adapter_lora_card_ranks_metrics_and_logs_to_mlflow(reference):
+def test_run_writes_adapter_lora_card_ranks_metrics_and_logs_to_mlflow(train_reference):
     import mlflow
 
-    cfg, metrics, out = reference
+    cfg, metrics, out = train_reference
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json",
                  "lora/pytorch_lora_weights.safetensors", "lora/zxh_style_kohya.safetensors", "lora/README.md",
                  "ranks.json", "ranks.png", "metrics.json", "loss.csv", "samples/step-000000.png",
@@ -230,31 +159,12 @@ def test_run_writes_adapter_lora_card_ranks_metrics_and_logs_to_mlflow(reference
     assert any(path.startswith("images/prompt 0 seed 0+step+12") for path in images), images
 
 
-class Killed(Exception):
-    pass
-
-
-def killed_at_step(cfg, monkeypatch, step: int) -> None:
-    """Run the stage until it dies at optimizer step `step` (an exception where a kill would be)."""
-    real_step = train.training_step
-
-    def dies(state, micro_batches, at, generators):
-        if at == step:
-            raise Killed
-        return real_step(state, micro_batches, at, generators)
-
-    monkeypatch.setattr(train, "training_step", dies)
-    with pytest.raises(Killed):
-        train.run(cfg)
-    monkeypatch.undo()
-
-
-def test_killed_run_resumes_to_the_bitwise_same_adapter(reference, assets, tmp_path, monkeypatch):
-    cfg_ref, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
+def test_killed_run_resumes_to_the_bitwise_same_adapter(train_reference, train_assets, tmp_path, monkeypatch):
+    cfg_ref, metrics_ref, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
     killed_at_step(cfg, monkeypatch, 7)
     out = tmp_path / "data" / "train"
-    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == ["step-000004"]
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == ["step-000004"]
     assert not (out / "metrics.json").exists()
 
     metrics = train.run(cfg)  # train.resume=auto
@@ -267,9 +177,9 @@ def test_killed_run_resumes_to_the_bitwise_same_adapter(reference, assets, tmp_p
     assert metrics["loss"] == metrics_ref["loss"]
 
 
-def test_replicates_train_the_recipe_again_with_the_next_seeds(reference, assets, tmp_path):
-    _, metrics_ref, out_ref = reference
-    train.run(make_run_cfg(assets, tmp_path, "replicates.count=2"))
+def test_replicates_train_the_recipe_again_with_the_next_seeds(train_reference, train_assets, tmp_path):
+    _, metrics_ref, out_ref = train_reference
+    train.run(make_run_cfg(train_assets, tmp_path, "replicates.count=2"))
     out = tmp_path / "data" / "train"
     weights = "lora/pytorch_lora_weights.safetensors"
     product, product_ref, second = (load_file(o / weights) for o in (out, out_ref, out / "replicates" / "seed_1"))
@@ -279,9 +189,9 @@ def test_replicates_train_the_recipe_again_with_the_next_seeds(reference, assets
     assert json.loads((out / "replicates" / "seed_1" / "metrics.json").read_text())["loss"] != metrics_ref["loss"]
 
 
-def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(assets, tmp_path, monkeypatch):
-    cfg = make_run_cfg(assets, tmp_path)
-    real_loss = train.flow_matching_loss
+def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(train_assets, tmp_path, monkeypatch):
+    cfg = make_run_cfg(train_assets, tmp_path)
+    real_loss = flow_matching_loss
     calls = []
 
     def nan_from_step_6(model, batch, flow, generator):
@@ -289,18 +199,18 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(asset
         loss = real_loss(model, batch, flow, generator)
         return loss * float("nan") if len(calls) >= 6 else loss
 
-    monkeypatch.setattr(train, "flow_matching_loss", nan_from_step_6)
+    monkeypatch.setattr("artmaster.training.step.flow_matching_loss", nan_from_step_6)
     with pytest.raises(FloatingPointError, match="at step 6.*step-000004"):
         train.run(cfg)
-    checkpoints = train.list_checkpoints(tmp_path / "data" / "train" / "checkpoints")
+    checkpoints = list_checkpoints(tmp_path / "data" / "train" / "checkpoints")
     assert [p.name for p in checkpoints] == ["step-000004"]
     saved = load_file(checkpoints[0] / "adapter.safetensors")
     assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 @pytest.mark.slow
-def test_two_process_ddp_on_cpu_ends_with_identical_adapters(assets, tmp_path):
-    cfg = make_run_cfg(assets, tmp_path)  # copies the data
+def test_two_process_ddp_on_cpu_ends_with_identical_adapters(train_assets, tmp_path):
+    cfg = make_run_cfg(train_assets, tmp_path)  # copies the data
     overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
                  f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}",
                  *FAST, "train.samples.prompts=[]", "train.epochs=2"]
@@ -313,10 +223,10 @@ def test_two_process_ddp_on_cpu_ends_with_identical_adapters(assets, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_by_two_sweep_is_one_parent_run_with_four_children_and_a_summary(assets, tmp_path):
+def test_two_by_two_sweep_is_one_parent_run_with_four_children_and_a_summary(train_assets, tmp_path):
     import mlflow
 
-    cfg = make_run_cfg(assets, tmp_path)
+    cfg = make_run_cfg(train_assets, tmp_path)
     sweep_dir = tmp_path / "multirun"
     overrides = [f"paths.data_dir={cfg.paths.data_dir}", f"model.path={cfg.model.path}",
                  f"tracking.uri={cfg.tracking.uri}", f"tracking.artifact_dir={cfg.tracking.artifact_dir}",

@@ -10,6 +10,7 @@ The kills are real: the stage runs in a subprocess that sends itself SIGKILL at 
 from __future__ import annotations
 
 import errno
+import importlib
 import json
 import os
 import shutil
@@ -20,18 +21,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import offline_env
-from safetensors.torch import load_file
-from test_augment import FAST as AUGMENT_FAST
-from test_augment import upstream  # noqa: F401 - a fixture
-from test_train import FAST, assets, killed_at_step, make_run_cfg, reference  # noqa: F401 - fixtures
+from helpers.launch import offline_env
+from safetensors.torch import load_file, save_file
+from helpers.augment import FAST as AUGMENT_FAST
+from helpers.training import FAST, killed_at_step, make_run_cfg
 
 from artmaster import augment, train
 from artmaster.config import ConfigError, project_root
+from artmaster.training.checkpoints import list_checkpoints
 
 KILL_TRAIN = r"""
 import os, signal, sys
 from artmaster import runtime, train
+from artmaster.training import checkpoints, encodings, loop
 from artmaster.config import compose
 
 point, overrides = sys.argv[1], sys.argv[2:]
@@ -43,7 +45,7 @@ def step_of(args, kwargs):
     return kwargs.get("step", args[2] if len(args) > 2 else None)
 
 if point == "cache":  # the third cache entry is torn half-way through its write
-    real_save, writes = train.save_file, []
+    real_save, writes = encodings.save_file, []
     def save_file(tensors, filename, *args, **kwargs):
         if str(filename).endswith(".tmp"):
             writes.append(filename)
@@ -52,22 +54,22 @@ if point == "cache":  # the third cache entry is torn half-way through its write
                 os.truncate(filename, os.path.getsize(filename) // 2)
                 die()
         return real_save(tensors, filename, *args, **kwargs)
-    train.save_file = save_file
+    encodings.save_file = save_file
 elif point == "training":  # between the checkpoints of steps 4 and 8
-    real_step = train.training_step
+    real_step = loop.training_step
     def training_step(*args, **kwargs):
         if step_of(args, kwargs) == 7:
             die()
         return real_step(*args, **kwargs)
-    train.training_step = training_step
+    loop.training_step = training_step
 elif point == "checkpoint":  # right after step-000008 is written
-    real_checkpoint = train.save_checkpoint
+    real_checkpoint = loop.save_checkpoint
     def save_checkpoint(*args, **kwargs):
         path = real_checkpoint(*args, **kwargs)
         if step_of(args, kwargs) == 8:
             die()
         return path
-    train.save_checkpoint = save_checkpoint
+    loop.save_checkpoint = save_checkpoint
 cfg = compose(overrides)
 runtime.apply(cfg.runtime)  # as the stage's entry point does (and the tests' conftest)
 train.run(cfg)
@@ -97,15 +99,17 @@ def _same_adapter(out: Path, out_ref: Path) -> None:
     assert lora.keys() == lora_ref.keys() and all(lora[name] == lora_ref[name] for name in lora), "lora/ differs"
 
 
-def _count_calls(monkeypatch, name: str) -> list:
-    """Record the `step` (or just the call) of every call to train.<name>."""
-    calls, real = [], getattr(train, name)
+def _count_calls(monkeypatch, target: str) -> list:
+    """Record the `step` (or just the call) of every call to `target` (module.function, as the
+    module that calls it sees it)."""
+    module, _, name = target.rpartition(".")
+    calls, real = [], getattr(importlib.import_module(module), name)
 
     def counted(*args, **kwargs):
         calls.append(kwargs.get("step", args[2] if len(args) > 2 else None))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train, name, counted)
+    monkeypatch.setattr(target, counted)
     return calls
 
 
@@ -119,21 +123,21 @@ def _count_calls(monkeypatch, name: str) -> list:
     ],
 )
 def test_train_killed_with_sigkill_resumes_to_the_bitwise_same_adapter(
-    reference, assets, tmp_path, monkeypatch, point, checkpoints_left, steps_rerun  # noqa: F811
+    train_reference, train_assets, tmp_path, monkeypatch, point, checkpoints_left, steps_rerun
 ):
-    _, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
+    _, metrics_ref, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
     _sigkilled(KILL_TRAIN, point, *_overrides(cfg))
     out = tmp_path / "data" / "train"
-    assert [p.name for p in train.list_checkpoints(out / "checkpoints")] == checkpoints_left
+    assert [p.name for p in list_checkpoints(out / "checkpoints")] == checkpoints_left
     assert not (out / "metrics.json").exists() and not (out / "lora").exists()
     cached = sorted(p.name for p in (out / "cache").iterdir())
     if point == "cache":  # two entries written, the third torn before its rename
         assert len([n for n in cached if n.endswith(".safetensors")]) == 2
         assert len([n for n in cached if n.endswith(".tmp")]) == 1
 
-    steps = _count_calls(monkeypatch, "training_step")
-    encodes = _count_calls(monkeypatch, "encode_image")
+    steps = _count_calls(monkeypatch, "artmaster.training.loop.training_step")
+    encodes = _count_calls(monkeypatch, "artmaster.training.encodings.encode_image")
     metrics = train.run(cfg)  # train.resume=auto, what `dvc repro train` runs again
     assert steps == steps_rerun
     assert len(encodes) == (6 - 2 if point == "cache" else 0)  # finished cache entries are reused
@@ -142,11 +146,11 @@ def test_train_killed_with_sigkill_resumes_to_the_bitwise_same_adapter(
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_keeps_the_previous_one(
-    reference, assets, tmp_path, monkeypatch  # noqa: F811
+    train_reference, train_assets, tmp_path, monkeypatch
 ):
-    _, _, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
-    real_save = train.save_file
+    _, _, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
+    real_save = save_file
 
     def disk_full(tensors, filename, *args, **kwargs):
         if "step-000008" in str(filename):  # half the file reaches the disk, then ENOSPC
@@ -155,12 +159,12 @@ def test_a_full_disk_while_writing_a_checkpoint_is_a_clear_error_and_keeps_the_p
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
         return real_save(tensors, filename, *args, **kwargs)
 
-    monkeypatch.setattr(train, "save_file", disk_full)
+    monkeypatch.setattr("artmaster.training.checkpoints.save_file", disk_full)
     with pytest.raises(OSError, match=r"could not write checkpoint .*step-000008 .*No space left on device.*"
                                       r"previous checkpoints in .* are intact"):
         train.run(cfg)
     checkpoints = tmp_path / "data" / "train" / "checkpoints"
-    assert [p.name for p in train.list_checkpoints(checkpoints)] == ["step-000004"]
+    assert [p.name for p in list_checkpoints(checkpoints)] == ["step-000004"]
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000004"]  # no half-written folder
     previous = load_file(checkpoints / "step-000004" / "adapter.safetensors")
     assert previous and all(torch.isfinite(t).all() for t in previous.values())
@@ -186,8 +190,8 @@ augment.run(compose(sys.argv[1:]))
 
 
 @pytest.mark.slow
-def test_augment_killed_with_sigkill_redoes_only_the_unfinished_samples(upstream, make_cfg, tmp_path, monkeypatch):  # noqa: F811
-    shutil.copytree(upstream, tmp_path / "data")
+def test_augment_killed_with_sigkill_redoes_only_the_unfinished_samples(augment_upstream, make_cfg, tmp_path, monkeypatch):
+    shutil.copytree(augment_upstream, tmp_path / "data")
     cfg = make_cfg(*AUGMENT_FAST)
     out = Path(cfg.paths.data_dir) / "augment" / "round_0"
     _sigkilled(KILL_AUGMENT, f"paths.data_dir={cfg.paths.data_dir}", f"tracking.uri={cfg.tracking.uri}",
@@ -220,17 +224,17 @@ def _flip_bit(path: Path, tensor: str) -> None:
 
 
 def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_intact_one(
-    reference, assets, tmp_path, monkeypatch, capsys  # noqa: F811
+    train_reference, train_assets, tmp_path, monkeypatch, capsys
 ):
-    _, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
+    _, metrics_ref, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
     killed_at_step(cfg, monkeypatch, 9)  # after the checkpoint of step 8
     out = tmp_path / "data" / "train"
     newest = out / "checkpoints" / "step-000008"
     _flip_bit(newest / "adapter.safetensors", ".lora_A.")
     capsys.readouterr()
 
-    steps = _count_calls(monkeypatch, "training_step")
+    steps = _count_calls(monkeypatch, "artmaster.training.loop.training_step")
     metrics = train.run(cfg)
     assert f"train: skipping checkpoint step-000008: {newest / 'adapter.safetensors'} does not match the sha256" \
         in capsys.readouterr().out
@@ -242,14 +246,14 @@ def test_a_damaged_newest_checkpoint_is_skipped_and_the_run_resumes_from_the_int
 
     _flip_bit(out / "checkpoints" / "step-000012" / "adapter.safetensors", ".lora_B.")
     with pytest.raises(ConfigError, match=r"train\.resume=.*step-000012: .*adapter\.safetensors does not match"):
-        train.run(make_run_cfg(assets, tmp_path, f"train.resume={out / 'checkpoints' / 'step-000012'}"))
+        train.run(make_run_cfg(train_assets, tmp_path, f"train.resume={out / 'checkpoints' / 'step-000012'}"))
 
 
 def test_a_flipped_bit_in_a_cached_latent_is_detected_and_the_entry_recomputed(
-    reference, assets, tmp_path, monkeypatch, caplog  # noqa: F811
+    train_reference, train_assets, tmp_path, monkeypatch, caplog
 ):
-    _, metrics_ref, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
+    _, metrics_ref, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
     out = tmp_path / "data" / "train"
     shutil.copytree(out_ref / "cache", out / "cache")
     damaged = sorted(path for path in (out / "cache").glob("*.safetensors") if "latent_mean" in load_file(path))
@@ -257,7 +261,7 @@ def test_a_flipped_bit_in_a_cached_latent_is_detected_and_the_entry_recomputed(
     for path in damaged:
         _flip_bit(path, "latent_mean")
 
-    encodes = _count_calls(monkeypatch, "encode_image")
+    encodes = _count_calls(monkeypatch, "artmaster.training.encodings.encode_image")
     metrics = train.run(cfg)
     assert len(encodes) == len(damaged)  # exactly the damaged entries are encoded again
     for path in damaged:
@@ -266,11 +270,11 @@ def test_a_flipped_bit_in_a_cached_latent_is_detected_and_the_entry_recomputed(
     assert metrics["loss"] == metrics_ref["loss"]
 
 
-def test_a_failing_export_leaves_the_previous_outputs_whole(reference, assets, tmp_path, monkeypatch):  # noqa: F811
+def test_a_failing_export_leaves_the_previous_outputs_whole(train_reference, train_assets, tmp_path, monkeypatch):
     from artmaster import adalora
 
-    _, _, out_ref = reference
-    cfg = make_run_cfg(assets, tmp_path)
+    _, _, out_ref = train_reference
+    cfg = make_run_cfg(train_assets, tmp_path)
     out = tmp_path / "data" / "train"
     shutil.copytree(out_ref, out)  # a finished run; its checkpoints make the re-run go straight to the export
     (out / "adapter" / "from_the_previous_run.txt").write_text("previous")
@@ -295,10 +299,10 @@ def test_a_failing_export_leaves_the_previous_outputs_whole(reference, assets, t
     _same_adapter(out, out_ref)
 
 
-def test_the_exported_lora_holds_no_timing(reference):  # noqa: F811
+def test_the_exported_lora_holds_no_timing(train_reference):
     from safetensors import safe_open
 
-    _, metrics, out = reference
+    _, metrics, out = train_reference
     assert metrics["steps_per_second"] > 0  # measured, and kept in metrics.json and MLflow
     assert "steps_per_second" in (out / "metrics.json").read_text()
     for path in (out / "lora").glob("*.safetensors"):
@@ -308,7 +312,7 @@ def test_the_exported_lora_holds_no_timing(reference):  # noqa: F811
     assert "time" not in json.loads((out / "checkpoints" / "step-000012" / "meta.json").read_text())
 
 
-def test_a_checkpoints_folder_that_is_a_symbolic_link_is_emptied_and_kept(assets, tmp_path):  # noqa: F811
+def test_a_checkpoints_folder_that_is_a_symbolic_link_is_emptied_and_kept(train_assets, tmp_path):
     elsewhere = tmp_path / "big_disk" / "checkpoints"
     stale = elsewhere / "step-000099"
     stale.mkdir(parents=True)
@@ -316,7 +320,7 @@ def test_a_checkpoints_folder_that_is_a_symbolic_link_is_emptied_and_kept(assets
     out = tmp_path / "data" / "train"
     out.mkdir(parents=True)
     (out / "checkpoints").symlink_to(elsewhere, target_is_directory=True)
-    cfg = make_run_cfg(assets, tmp_path, "train.epochs=1", "train.checkpoint.keep_after_success=false")
+    cfg = make_run_cfg(train_assets, tmp_path, "train.epochs=1", "train.checkpoint.keep_after_success=false")
     train.run(cfg)
     assert (out / "checkpoints").is_symlink() and elsewhere.is_dir()
     assert list(elsewhere.iterdir()) == []  # the stale checkpoint and this run's, gone after the export

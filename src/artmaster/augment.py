@@ -43,7 +43,7 @@ from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_ato
 from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
-from artmaster.tracking import child_run, log_picture, log_summary, stage_run
+from artmaster.tracking import NO_TRACKING, active, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ def inputs_fingerprint(cfg: DictConfig, adapter: Path, crops_file: Path, caption
             "augment": augment,
             "critic": OmegaConf.to_container(cfg.critic, resolve=True),
             "refine": OmegaConf.to_container(cfg.refine, resolve=True),
-            "metrics": OmegaConf.to_container(cfg.evaluate.metrics, resolve=True),
+            "metrics": OmegaConf.to_container(cfg.style_metric, resolve=True),
             "model": OmegaConf.to_container(cfg.model, resolve=True),
             "adapter": files_digest([p for p in adapter.rglob("*") if p.is_file()], adapter),
             "crops_and_captions": files_digest([crops_file, captions_file], crops_file.parent.parent),
@@ -337,17 +337,15 @@ def run(cfg: DictConfig) -> dict:
     captions = [str(row["caption"]) for row in read_jsonl(captions_file)
                 if row.get("caption") and str(row.get("crop_id")) in train_ids]
     round_out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
-    training_reference = TrainingReference(cfg.evaluate.metrics, crop_dir, crops)
+    training_reference = TrainingReference(cfg.style_metric, crop_dir, crops)
     processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "evaluate", "replicates"),
-                         label=f"round {settings.round}") if processes.is_main else nullcontext()
+    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "style_metric", "replicates"),
+                         label=f"round {settings.round}") if processes.is_main else nullcontext(NO_TRACKING)
     metrics = {}
-    with tracking:
+    with tracking as tracker:
         for replicate, replicate_cfg in replicates.each(cfg):
             adapter = replicate.adapter(round_adapter(cfg))
-            child = child_run(cfg, "augment", replicate.label) \
-                if processes.is_main and not replicate.is_product else nullcontext()
-            with child:
+            with tracker.child("augment", replicate.label) if not replicate.is_product else nullcontext():
                 workers = Workers(replicate_cfg, adapter, training_reference, captions)
                 fingerprint = inputs_fingerprint(replicate_cfg, adapter, crops_file, captions_file)
                 result = augment_round(replicate_cfg, workers, replicate.folder(round_out), fingerprint, processes)
@@ -395,8 +393,7 @@ def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str
         return {}
     if resumed:
         log.info("augment: %d of %d samples were already done and kept", resumed, len(plan))
-    import mlflow
-
+    tracker = active()
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name)}
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
@@ -407,12 +404,12 @@ def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str
                 pictures.append(opened.convert("RGB"))
         sheet = image_grid(pictures, int(settings.picture.contact_columns), [r["sample_id"] for r in records])
         save_image_atomic(sheet, out / "contact_sheet.png")
-        log_picture(out / "contact_sheet.png", "augment")
-        mlflow.log_artifacts(str(out / "comparisons"), artifact_path="augment/pairs")
+        tracker.log_picture(out / "contact_sheet.png", "augment")
+        tracker.log_artifacts(out / "comparisons", artifact_path="augment/pairs")
     log_summary({key: metrics[key] for key in ("accepted", "samples", "mean_style_gain") if metrics[key] is not None},
                 details=metrics, note=f"Critic `{cfg.critic.name}`, refiner `{cfg.refine.name}`; samples in `{out}`.")
-    mlflow.log_artifact(str(out / "samples.jsonl"), artifact_path="augment")
-    mlflow.log_artifact(str(out / "metrics.json"), artifact_path="augment")
+    tracker.log_artifact(out / "samples.jsonl", artifact_path="augment")
+    tracker.log_artifact(out / "metrics.json", artifact_path="augment")
     log.info("augment round %s (%s): %d/%d accepted, mean style gain %s -> %s",
              settings.round, adapter, metrics["accepted"], metrics["samples"], metrics["mean_style_gain"], out)
     return metrics

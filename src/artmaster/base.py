@@ -36,7 +36,7 @@ from artmaster import flux_math
 from artmaster.config import hydra_entry, stage_dir
 from artmaster.files import image_grid, staged_dir, write_atomic
 from artmaster.generate import encode_prompts, generate_images
-from artmaster.tracking import log_picture, log_summary, stage_run
+from artmaster.tracking import active, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -175,8 +175,7 @@ def chroma_channels(images: torch.Tensor) -> torch.Tensor:
 def train_vae(vae, images: list[torch.Tensor], settings: DictConfig, generator: torch.Generator) -> list[float]:
     """Reconstruction (L1 + MSE + coarse L1) plus a small KL term on random crops, with a fixed
     posterior variance; returns the L1 per step."""
-    import mlflow
-
+    tracker = active()
     vae.train().requires_grad_(True)
     fix_posterior_logvar(vae, settings.posterior_logvar)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.lr, weight_decay=0.0)
@@ -204,9 +203,9 @@ def train_vae(vae, images: list[torch.Tensor], settings: DictConfig, generator: 
         schedule.step()
         l1_history.append(l1.item())
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            mlflow.log_metrics({"vae/l1": l1.item(), "vae/mse": mse.item(), "vae/coarse_l1": coarse.item(),
-                                "vae/chroma_l1": chroma.item(), "vae/kl": kl.item(),
-                                "vae/lr": schedule.get_last_lr()[0]}, step=step)
+            tracker.log_metrics({"vae/l1": l1.item(), "vae/mse": mse.item(), "vae/coarse_l1": coarse.item(),
+                                 "vae/chroma_l1": chroma.item(), "vae/kl": kl.item(),
+                                 "vae/lr": schedule.get_last_lr()[0]}, step=step)
     vae.eval().requires_grad_(False)
     return l1_history
 
@@ -255,8 +254,7 @@ def train_transformer(transformer, buckets: list[LatentBucket], embeds: torch.Te
                       vae_config, settings: DictConfig, generator: torch.Generator) -> list[float]:
     """FLUX flow matching: packed 2x2 latents with position ids, logit-normal noise levels (with
     the sampler's resolution shift), velocity target, fixed guidance; one bucket per batch."""
-    import mlflow
-
+    tracker = active()
     transformer.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(transformer.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = warmup_cosine(optimizer, settings.warmup_steps, settings.steps)
@@ -295,8 +293,8 @@ def train_transformer(transformer, buckets: list[LatentBucket], embeds: torch.Te
         schedule.step()
         losses.append(loss.item())
         if step % settings.log_every == 0 or step == settings.steps - 1:
-            mlflow.log_metrics({"flow/loss": loss.item(), "flow/grad_norm": grad_norm.item(),
-                                "flow/lr": schedule.get_last_lr()[0]}, step=step)
+            tracker.log_metrics({"flow/loss": loss.item(), "flow/grad_norm": grad_norm.item(),
+                                 "flow/lr": schedule.get_last_lr()[0]}, step=step)
     transformer.eval().requires_grad_(False)
     return losses
 
@@ -347,8 +345,6 @@ def check_vae_groups(vae_arch: DictConfig) -> None:
 
 def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
     """Paint and caption the corpus, train the VAE, cache latents, train the transformer, save."""
-    import mlflow
-
     from artmaster.models import build_random_pipeline
 
     settings = cfg.base
@@ -412,11 +408,12 @@ def pretrain_tiny(cfg: DictConfig, staging: Path) -> dict:
         **{f"seconds_{phase}": round(value, 2) for phase, value in clock.wall.items()},
         **{f"cpu_seconds_{phase}": round(value, 2) for phase, value in clock.cpu.items()},
     }
-    mlflow.log_text("\n".join(captions), "corpus_captions.txt")
-    mlflow.log_text("\n".join(f"prompt {row}: {prompt}" for row, prompt in enumerate(samples.prompts)),
-                    "sample_prompts.txt")
-    log_picture(staging / "samples.png")
-    log_picture(staging / "reconstruction.png")
+    tracker = active()
+    tracker.log_text("\n".join(captions), "corpus_captions.txt")
+    tracker.log_text("\n".join(f"prompt {row}: {prompt}" for row, prompt in enumerate(samples.prompts)),
+                     "sample_prompts.txt")
+    tracker.log_picture(staging / "samples.png")
+    tracker.log_picture(staging / "reconstruction.png")
     return metrics
 
 
@@ -569,10 +566,8 @@ def record_architecture(cfg: DictConfig, staging: Path) -> dict:
 
 
 def _write_record(staging: Path, record: dict) -> None:
-    import mlflow
-
     (staging / "weights.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
-    mlflow.log_dict(record, "weights.json")
+    active().log_dict(record, "weights.json")
 
 
 # --- stage -------------------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from artmaster.config import ConfigError, hydra_entry, project_root, stage_dir
 from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.caption_words import describe
-from artmaster.tracking import log_picture, log_summary, stage_run
+from artmaster.tracking import Tracker, log_summary, stage_run
 from artmaster.vlm import load_image_text_model
 
 log = logging.getLogger(__name__)
@@ -213,6 +213,55 @@ def sidecar_texts(cfg: DictConfig) -> dict[str, str]:
     }
 
 
+def caption_crops(crops: list[dict], crop_dir: Path, captioner: Captioner | None, overrides: dict[str, str],
+                  sidecars: dict[str, str], sheet_crops: int) -> tuple[list[dict], list[dict], list[tuple]]:
+    """(captions.jsonl rows, unreadable crops, the first `sheet_crops` (image, source, caption) for
+    the sheet): each crop's override if it has one, else the captioner's caption."""
+    rows, failed, sheet_items = [], [], []
+    for crop in tqdm(crops, desc="caption", unit="crop"):
+        crop_id = str(crop["crop_id"])
+        path = crop_dir / crop["path"]
+        try:
+            with Image.open(path) as opened:
+                image = opened.convert("RGB")
+        except OSError as error:
+            log.error("caption: skipping %s: %s", path, error)
+            # paths as data/crop's manifest gives them: no output depends on where the workspace is
+            failed.append({"crop_id": crop_id, "path": str(crop["path"]),
+                           "error": str(error).replace(str(path), str(crop["path"]))})
+            continue
+        if crop_id in overrides:
+            text, source = overrides[crop_id], "override"
+        else:
+            context = CaptionContext(crop_id, str(crop["scan_id"]), sidecars.get(str(crop["scan_id"]), ""))
+            text, source = captioner.caption(image, context), captioner.source
+        rows.append({"crop_id": crop_id, "caption": text, "source": source})
+        if len(sheet_items) < sheet_crops:
+            sheet_items.append((image, source, text))
+    return rows, failed, sheet_items
+
+
+def _log(tracker: Tracker, rows: list[dict], summary: dict, staging: Path) -> None:
+    log_summary(
+        {"captions": len(rows)},
+        details={
+            "failed_crops": len(summary["failed"]),
+            "unknown_override_ids": len(summary["unknown_override_ids"]),
+            **{f"captions from {source}": count for source, count in summary["by_source"].items()},
+        },
+    )
+    tracker.log_table(
+        data={
+            "crop_id": [r["crop_id"] for r in rows],
+            "source": [r["source"] for r in rows],
+            "caption": [r["caption"] for r in rows],
+        },
+        artifact_file="captions_table.json",
+    )
+    tracker.log_picture(staging / "caption_sheet.png")
+    tracker.log_artifact(staging / "summary.json")
+
+
 def run(cfg: DictConfig) -> dict:
     """Caption every crop of data/crop with `caption.backend`; the overrides file wins."""
     settings = cfg.caption
@@ -228,33 +277,12 @@ def run(cfg: DictConfig) -> dict:
         _warn(f"{overrides_file}: override for unknown crop id {crop_id!r} (no such crop; ignored)")
 
     out_dir = stage_dir(cfg, "caption")
-    with stage_run(cfg, "caption", sections=("caption",)), staged_dir(out_dir) as staging:
-        import mlflow
-
+    with stage_run(cfg, "caption", sections=("caption",)) as tracker, staged_dir(out_dir) as staging:
         # only load a model when some crop still needs a generated caption
         needs_model = any(str(row["crop_id"]) not in overrides for row in crops)
         captioner = make_captioner(settings) if needs_model else None
-        rows, failed, sheet_items = [], [], []
-        for crop in tqdm(crops, desc="caption", unit="crop"):
-            crop_id = str(crop["crop_id"])
-            path = crop_dir / crop["path"]
-            try:
-                with Image.open(path) as opened:
-                    image = opened.convert("RGB")
-            except OSError as error:
-                log.error("caption: skipping %s: %s", path, error)
-                # paths as data/crop's manifest gives them: no output depends on where the workspace is
-                failed.append({"crop_id": crop_id, "path": str(crop["path"]),
-                               "error": str(error).replace(str(path), str(crop["path"]))})
-                continue
-            if crop_id in overrides:
-                text, source = overrides[crop_id], "override"
-            else:
-                context = CaptionContext(crop_id, str(crop["scan_id"]), sidecars.get(str(crop["scan_id"]), ""))
-                text, source = captioner.caption(image, context), captioner.source
-            rows.append({"crop_id": crop_id, "caption": text, "source": source})
-            if len(sheet_items) < settings.sheet.max_crops:
-                sheet_items.append((image, source, text))
+        rows, failed, sheet_items = caption_crops(crops, crop_dir, captioner, overrides, sidecars,
+                                                  int(settings.sheet.max_crops))
         if not rows:
             raise RuntimeError(f"caption: no crop could be read ({'; '.join(f['path'] for f in failed)})")
 
@@ -271,24 +299,7 @@ def run(cfg: DictConfig) -> dict:
         (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
         draw_caption_sheet(sheet_items, settings.sheet).save(staging / "caption_sheet.png")
 
-        log_summary(
-            {"captions": len(rows)},
-            details={
-                "failed_crops": len(failed),
-                "unknown_override_ids": len(unknown),
-                **{f"captions from {source}": count for source, count in by_source.items()},
-            },
-        )
-        mlflow.log_table(
-            data={
-                "crop_id": [r["crop_id"] for r in rows],
-                "source": [r["source"] for r in rows],
-                "caption": [r["caption"] for r in rows],
-            },
-            artifact_file="captions_table.json",
-        )
-        log_picture(staging / "caption_sheet.png")
-        mlflow.log_artifact(str(staging / "summary.json"))
+        _log(tracker, rows, summary, staging)
 
     print(
         f"caption: {len(rows)} crops captioned ("

@@ -20,6 +20,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from omegaconf import DictConfig
@@ -39,7 +40,7 @@ from artmaster.imagestats import (
     rgb_to_lab,
     to_float_rgb,
 )
-from artmaster.tracking import log_picture, log_summary, stage_run
+from artmaster.tracking import Tracker, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +415,46 @@ def accepted_scans(cfg: DictConfig) -> list[dict]:
     return rows
 
 
+def write_crops(scan: Image.Image, scan_id: str, choices: list, folder: Path, compress_level: int) -> list[dict]:
+    """Render a scan's chosen crops into folder/<bucket>/<crop_id>.png; their crops.jsonl rows
+    (numbered per bucket: <scan_id>-<bucket>-00, -01, ...)."""
+    rows, numbers = [], {}
+    for choice in choices:
+        number = numbers[choice.bucket.key] = numbers.get(choice.bucket.key, -1) + 1
+        crop_id = f"{scan_id}-{choice.bucket.name}-{number:02d}"
+        relative = f"{choice.bucket.name}/{crop_id}.png"
+        render_crop(scan, choice).save(folder / relative, compress_level=compress_level)
+        rows.append(
+            {
+                "crop_id": crop_id,
+                "scan_id": scan_id,
+                "bucket": choice.bucket.name,
+                "width": choice.bucket.width,
+                "height": choice.bucket.height,
+                "box": list(choice.box),
+                "path": relative,
+                "scale": choice.scale,
+                "score": round(choice.score, 6),
+            }
+        )
+    return rows
+
+
+def _log(tracker: Tracker, summary: dict, staging: Path) -> None:
+    log_summary(
+        {"crops": summary["crops"], "crops_heldout": summary["per_split"][HELDOUT]},
+        details={
+            "scans": summary["scans"],
+            "failed_scans": len(summary["failed"]),
+            "scans_without_crops": len(summary["scans_without_crops"]),
+            "heldout_scans": len(summary["heldout_scans"]),
+            **{f"crops {name}": count for name, count in summary["per_bucket"].items()},
+        },
+    )
+    tracker.log_picture(staging / "contact_sheet.png")
+    tracker.log_artifact(staging / "summary.json")
+
+
 # --- stage -------------------------------------------------------------------------------------
 
 
@@ -426,9 +467,7 @@ def run(cfg: DictConfig) -> dict:
     images_dir = stage_dir(cfg, "ingest") / "images"
     out_dir = stage_dir(cfg, "crop")
 
-    with stage_run(cfg, "crop", sections=("crop", "data")), staged_dir(out_dir) as staging:
-        import mlflow
-
+    with stage_run(cfg, "crop", sections=("crop", "data")) as tracker, staged_dir(out_dir) as staging:
         for bucket in buckets:
             (staging / bucket.name).mkdir()
         rows, entries, failed, paintings = [], [], [], {}
@@ -447,25 +486,7 @@ def run(cfg: DictConfig) -> dict:
             paintings[scan_id] = list(analysis.painting)
             note = "" if choices else "(painting smaller than every bucket or blank)"
             entries.append(SheetEntry(scan_id, analysis, choices, note))
-            numbers: dict[str, int] = {}
-            for choice in choices:
-                number = numbers[choice.bucket.key] = numbers.get(choice.bucket.key, -1) + 1
-                crop_id = f"{scan_id}-{choice.bucket.name}-{number:02d}"
-                relative = f"{choice.bucket.name}/{crop_id}.png"
-                render_crop(scan, choice).save(staging / relative, compress_level=settings.png_compress_level)
-                rows.append(
-                    {
-                        "crop_id": crop_id,
-                        "scan_id": scan_id,
-                        "bucket": choice.bucket.name,
-                        "width": choice.bucket.width,
-                        "height": choice.bucket.height,
-                        "box": list(choice.box),
-                        "path": relative,
-                        "scale": choice.scale,
-                        "score": round(choice.score, 6),
-                    }
-                )
+            rows += write_crops(scan, scan_id, choices, staging, settings.png_compress_level)
         if not entries:
             reasons = "; ".join(f"{f['path']}: {f['error']}" for f in failed)
             raise RuntimeError(f"crop: no scan could be read ({reasons})")
@@ -496,18 +517,7 @@ def run(cfg: DictConfig) -> dict:
         }
         (staging / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
 
-        log_summary(
-            {"crops": len(rows), "crops_heldout": summary["per_split"][HELDOUT]},
-            details={
-                "scans": len(entries),
-                "failed_scans": len(failed),
-                "scans_without_crops": len(summary["scans_without_crops"]),
-                "heldout_scans": len(heldout),
-                **{f"crops {name}": count for name, count in per_bucket.items()},
-            },
-        )
-        log_picture(staging / "contact_sheet.png")
-        mlflow.log_artifact(str(staging / "summary.json"))
+        _log(tracker, summary, staging)
 
     print(
         f"crop: {len(entries)} scans -> {len(rows)} crops "

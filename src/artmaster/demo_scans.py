@@ -168,9 +168,7 @@ def run(cfg: DictConfig) -> dict:
     style = style_by_name(settings.painter)
     items = plan(settings)
     out_dir = stage_dir(cfg, "demo_scans")
-    with stage_run(cfg, "demo_scans", sections=("data",)), staged_dir(out_dir) as staging:
-        import mlflow
-
+    with stage_run(cfg, "demo_scans", sections=("data",)) as tracker, staged_dir(out_dir) as staging:
         thumbs = []
         for item in tqdm(items, desc="demo_scans", unit="scan"):
             image = scan(style, item.width, item.height, item.seed)
@@ -186,7 +184,7 @@ def run(cfg: DictConfig) -> dict:
                     details={"megapixels": sum(item.width * item.height for item in items) / 1e6,
                              "sidecar_captions": sum(item.caption is not None for item in items)},
                     note=f"Painted {len(items)} scans of the demo painter `{style.name}` into `{out_dir}`.")
-        mlflow.log_image(
+        tracker.log_image(
             thumbnail_sheet(thumbs, int(settings.thumbnail_long_side)),
             artifact_file="pictures/demo_scans.png",
         )

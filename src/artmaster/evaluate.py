@@ -56,7 +56,7 @@ from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, pai
 from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
 from artmaster.report import draw_grid, markdown_summary, render_report
-from artmaster.tracking import log_picture, log_summary, stage_run
+from artmaster.tracking import NO_TRACKING, Tracker, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +309,7 @@ def clustered(values: np.ndarray, plan: Plan, metrics: DictConfig) -> dict:
     return clustered_mean(cube(values, plan), int(s.bootstrap), float(s.confidence), int(s.seed)).as_dict()
 
 
-def comparisons(rows: list[Row], settings: DictConfig, plan: Plan) -> dict[str, dict]:
+def comparisons(rows: list[Row], settings: DictConfig, metrics: DictConfig, plan: Plan) -> dict[str, dict]:
     """Every row against `compare_to`, every `pairs` entry and every adapter row against each
     colour-matched row: style metric and judge effects (and adherence where measured)."""
     by_name = {row.name: row for row in rows}
@@ -320,10 +320,10 @@ def comparisons(rows: list[Row], settings: DictConfig, plan: Plan) -> dict[str, 
     found = {}
     for model, against in dict.fromkeys(names):
         a, b = by_name[model], by_name[against]
-        entry = {"style": paired(a.scores, b.scores, plan, settings.metrics, alpha),
-                 "judge": paired(a.judge, b.judge, plan, settings.metrics, alpha)}
+        entry = {"style": paired(a.scores, b.scores, plan, metrics, alpha),
+                 "judge": paired(a.judge, b.judge, plan, metrics, alpha)}
         if a.adherence is not None and b.adherence is not None:
-            entry["adherence"] = paired(a.adherence, b.adherence, plan, settings.metrics, alpha)
+            entry["adherence"] = paired(a.adherence, b.adherence, plan, metrics, alpha)
         found[f"{model}_vs_{against}"] = entry
     return found
 
@@ -384,7 +384,7 @@ def vae_bound(painted_rows: list[Row], roundtrip: dict) -> str:
 
 
 def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], scans: list[str], plan: Plan,
-               settings: DictConfig) -> tuple[np.ndarray, dict[str, dict]]:
+               settings: DictConfig, stats: DictConfig) -> tuple[np.ndarray, dict[str, dict]]:
     """P(painter) for every generated image (Row.judge) and the painter's own held-out crops; the
     judge's AUC per row (painter's crops vs the row's images; 0.5: it cannot tell them apart)."""
     generated = [image for row in rows for image in row.flat_images]
@@ -392,7 +392,7 @@ def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], 
     painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts,
                                                  JudgeSettings.from_config(settings.judge))
     start, auc = 0, {}
-    s = settings.metrics.stats
+    s = stats
     for row in rows:
         count = len(row.flat_images)
         row.judge = scores[start : start + count].reshape(len(row.images), len(plan))
@@ -430,9 +430,9 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
 
     processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "model", "replicates")) \
-        if processes.is_main else nullcontext()
-    with tracking:
+    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "style_metric", "model", "replicates")) \
+        if processes.is_main else nullcontext(NO_TRACKING)
+    with tracking as tracker:
         # only the main process measures: the others need no crops, and no VAE roundtrip of them
         train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
         rows, roundtrip = paint_rows(cfg, specs, plan, processes, train_crops[1] if settings.vae_roundtrip else [])
@@ -451,7 +451,7 @@ def run(cfg: DictConfig) -> dict:
         results = results_of(metrics)
         write_atomic(out_dir / "results.json", json.dumps(results, indent=2, ensure_ascii=False) + "\n")
         log_summary(headline(metrics), folder=out_dir, note=markdown_summary(metrics))
-        log_to_mlflow(out_dir)
+        log_outputs(tracker, out_dir)
     print(markdown_summary(metrics), end="")
     print(f"evaluate: {len(rows)} models x {len(plan)} images in {metrics['seconds']['total']:.0f} s -> {out_dir}")
     return metrics
@@ -462,7 +462,7 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
                 roundtrip: list[Image.Image]) -> dict:
     """Both judges on every row, the comparisons and verdicts: the evaluation as data."""
     settings = cfg.evaluate
-    metrics_cfg = settings.metrics
+    metrics_cfg = cfg.style_metric
     extractor = StyleFeatureExtractor.from_config(metrics_cfg)
     style = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
     train_features = extractor.extract(train_crops[1], train_crops[0])
@@ -470,8 +470,8 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
     clip, adherence_backend = ClipScorer.load(settings.adherence)
     for row in rows:
         measure(row, extractor, style, memory, train_crops, plan, settings, clip)
-    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings)
-    found = comparisons(rows, settings, plan)
+    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings, metrics_cfg.stats)
+    found = comparisons(rows, settings, metrics_cfg, plan)
     near = float(settings.memorisation.near_copy_distance)
     models = {}
     for row in rows:
@@ -623,14 +623,12 @@ def headline(metrics: dict) -> dict:
     return numbers
 
 
-def log_to_mlflow(out_dir: Path) -> None:
-    import mlflow
-
+def log_outputs(tracker: Tracker, out_dir: Path) -> None:
     report = out_dir / "report"
     for name in ("metrics.json", "report.html", "scores.csv", "per_prompt.csv", "summary.md"):
-        mlflow.log_artifact(str(report / name), artifact_path="evaluate")
-    mlflow.log_artifact(str(out_dir / "results.json"), artifact_path="evaluate")
-    log_picture(report / "grid.png", "evaluate")
+        tracker.log_artifact(report / name, artifact_path="evaluate")
+    tracker.log_artifact(out_dir / "results.json", artifact_path="evaluate")
+    tracker.log_picture(report / "grid.png", "evaluate")
 
 
 main = hydra_entry(run)

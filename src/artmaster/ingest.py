@@ -563,9 +563,7 @@ def run(cfg: DictConfig) -> dict:
     if not pairs and not refused:
         raise ConfigError(f"ingest: scans folder {root} holds no files (set data.scans_dir)")
 
-    with stage_run(cfg, "ingest", sections=("data",)), staged_dir(stage_dir(cfg, "ingest")) as staging:
-        import mlflow
-
+    with stage_run(cfg, "ingest", sections=("data",)) as tracker, staged_dir(stage_dir(cfg, "ingest")) as staging:
         (staging / "images").mkdir()
         seen = Deduplicator(int(settings.phash_max_distance))
         rows, thumbs = [_refused_row(root, path, reason) for path, reason in refused], []
@@ -593,9 +591,9 @@ def run(cfg: DictConfig) -> dict:
         log_summary(counts, details={f"rejected: {code}": n for code, n in summary["reasons"].items()},
                     note=summary["line"])
         sheet = thumbnail_sheet(thumbs, int(settings.thumbnail_long_side))
-        mlflow.log_image(sheet, artifact_file="pictures/ingest_accepted.png")
-        mlflow.log_artifact(str(staging / "manifest.jsonl"))
-        mlflow.log_artifact(str(staging / "summary.json"))
+        tracker.log_image(sheet, artifact_file="pictures/ingest_accepted.png")
+        tracker.log_artifact(staging / "manifest.jsonl")
+        tracker.log_artifact(staging / "summary.json")
     print(summary["line"])
     _print_rejections(rows)
     return summary

@@ -3,7 +3,7 @@
 Round r (`retrain.round`) reads data/augment/round_<r>/ (samples.jsonl: each accepted pair's
 original and refined image, and its prompt, which becomes the caption) and starts from the folder
 `augment.plan` names: data/train in round 0, data/retrain/round_<r-1> after that. Two modes
-(`retrain.mode`), both running train's loop (`artmaster.train.train`) with train's recipe as
+(`retrain.mode`), both running the training loop (`artmaster.training.loop.train`) with train's recipe as
 changed by `retrain.recipe`:
 
 - `continue`: continue the round's AdaLoRA adapter (its peft folder `adapter/`, every rank it kept
@@ -44,11 +44,12 @@ from artmaster import replicates
 from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.dataset import Example, scaled_size
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
-from artmaster.lora_card import base_model_name, lora_metrics, model_card, training_recipe
 from artmaster.replicates import Replicate
-from artmaster.tracking import child_run, log_summary, stage_run
-from artmaster.train import TrainSetup, make_accelerator, resume_identity, train
-from artmaster.train import headline as train_headline
+from artmaster.tracking import NO_TRACKING, log_summary, stage_run
+from artmaster.training.checkpoints import resume_identity
+from artmaster.training.export import headline as train_headline
+from artmaster.training.lora_card import base_model_name, lora_metrics, model_card, training_recipe
+from artmaster.training.loop import TrainSetup, make_accelerator, train
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,11 @@ def _copy_folder(source: Path, target: Path) -> None:
 def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
     tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}")
-                if accelerator.is_main_process else nullcontext())
-    with tracking:
-        if accelerator.is_main_process:
-            import mlflow
-
-            mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(cfg.retrain.mode),
-                             "artmaster.retrain_phase": phase})
-            mlflow.log_params({"retrain.phase": phase, "round": r})
+                if accelerator.is_main_process else nullcontext(NO_TRACKING))
+    with tracking as tracker:
+        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(cfg.retrain.mode),
+                          "artmaster.retrain_phase": phase})
+        tracker.log_params({"retrain.phase": phase, "round": r})
         return train(cfg, accelerator, out, setup)
 
 
@@ -395,39 +393,33 @@ def run(cfg: DictConfig) -> dict:
     rounds = int(cfg.augment.rounds)
     publish_mode = str(settings.publish).lower()
     if publish_mode == "only":
-        with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}"):
-            import mlflow
-
+        with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}") as tracker:
             metrics = publish(cfg)
-            mlflow.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
-                             "artmaster.round": str(rounds - 1)})
+            tracker.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
+                              "artmaster.round": str(rounds - 1)})
             log_summary(headline(metrics), details=metrics, folder=stage_dir(cfg, "retrain"),
                         note=f"Published round {rounds - 1} of {rounds} ({settings.mode}) as "
                              f"`{stage_dir(cfg, 'retrain') / 'lora'}`, the augmented adapter evaluate reads.")
-            mlflow.log_artifacts(str(stage_dir(cfg, "retrain") / "lora"), artifact_path="lora")
+            tracker.log_artifacts(stage_dir(cfg, "retrain") / "lora", artifact_path="lora")
         return metrics
     accelerator = make_accelerator(recipe_config(cfg))
     is_main = accelerator.is_main_process
     tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}")
-                if is_main else nullcontext())
-    with tracking:
-        if is_main:
-            import mlflow
-
-            mlflow.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
-                             "artmaster.retrain_phase": "round"})
+                if is_main else nullcontext(NO_TRACKING))
+    with tracking as tracker:
+        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
+                          "artmaster.retrain_phase": "round"})
         summary = {}
         for replicate, replicate_cfg in replicates.each(cfg):
-            child = child_run(cfg, "retrain", replicate.label) if is_main and not replicate.is_product else nullcontext()
-            with child:
+            with tracker.child("retrain", replicate.label) if not replicate.is_product else nullcontext(tracker) as replicate_run:
                 result = retrain_round(replicate_cfg, accelerator, r, replicate)
                 if is_main:
                     folder = round_dir(cfg, r, replicate)
                     log_summary(headline(result), details=result, folder=folder,
                                 note=f"ArtAug round {r} ({settings.mode}, {replicate.label}): {result['accepted_used']} "
                                      "accepted refined image(s) from augment; the nested run holds the training loop.")
-                    mlflow.log_artifacts(str(folder / "lora"), artifact_path="lora")
-                    mlflow.log_artifact(str(folder / "metrics.json"))
+                    replicate_run.log_artifacts(folder / "lora", artifact_path="lora")
+                    replicate_run.log_artifact(folder / "metrics.json")
             if replicate.is_product:
                 summary = result
             else:

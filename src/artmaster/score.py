@@ -5,15 +5,15 @@
                               [--choose-weights] [--json out.json] [hydra overrides]
     artmaster validate-metric --synthetic DIR [--choose-weights] ...
 
-Metric settings come from the composed config (`evaluate.metrics`, conf/evaluate/default.yaml);
-trailing arguments are Hydra overrides, e.g. `evaluate.metrics.model.k=5`.
+Metric settings come from the composed config (`style_metric`, conf/style_metric/default.yaml);
+trailing arguments are Hydra overrides, e.g. `style_metric.model.k=5`.
 
 validate-metric holds out whole scans: each file belongs to a group (`--group-by`): `folder` = its
 first subfolder, `prefix` = its name up to the first '-' (the crop stage names crops
 <scan>-<bucket>-<n>), `file` = itself, `auto` = folder for files in subfolders, else prefix. The
-other images are also scored after each colour filter of `evaluate.metrics.validation.colour_transfer`
+other images are also scored after each colour filter of `style_metric.validation.colour_transfer`
 matched to the painter's works. `--synthetic DIR` first writes the demo painter's and the other
-synthetic painters' crops (artmaster.painter, `evaluate.metrics.validation.synthetic`) into DIR.
+synthetic painters' crops (artmaster.painter, `style_metric.validation.synthetic`) into DIR.
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=f"artmaster {command}",
         description=USAGE[command],
-        epilog="Trailing arguments are Hydra overrides of conf/, e.g. evaluate.metrics.model.k=5",
+        epilog="Trailing arguments are Hydra overrides of conf/, e.g. style_metric.model.k=5",
     )
     if command == "score":
         parser.add_argument("--reference", type=Path, required=True, help="folder of the painter's works")
@@ -276,7 +276,7 @@ def cli(command: str, argv: list[str]) -> int:
     if flags:
         parser.error(f"unrecognized arguments: {' '.join(flags)}")
     try:
-        metrics = compose(overrides).evaluate.metrics
+        metrics = compose(overrides).style_metric
     except HydraException as err:
         parser.error(f"bad Hydra override: {err}")
     try:

@@ -2,6 +2,10 @@
 
 The store is SQLite at the project root (``mlflow.db``), anchored at $DVC_ROOT when DVC sets it,
 so ``mlflow ui`` run from the repo root shows every stage, sweep and experiment.
+
+`stage_run` opens a stage's run and hands back its `Tracker`; the stages log through it (and code
+running inside a stage through `active()`), never through mlflow itself. With
+`tracking.enabled=false` the tracker is its no-op twin and mlflow is never imported.
 """
 
 from __future__ import annotations
@@ -11,7 +15,6 @@ import math
 import os
 import subprocess
 import sys
-import types
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -195,16 +198,17 @@ def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "
     - the run's description: what the stage did (`note`) and a table of `details` (every summary
       number), instead of one single-bar chart per number.
     Returns the rounded headline."""
-    import mlflow
-
     from artmaster.files import write_atomic
 
     rounded = headline_values(headline)
     if folder is not None:
         write_atomic(Path(folder) / HEADLINE_FILE, json.dumps(rounded, indent=2) + "\n")
-    mlflow.log_metrics({f"result/{key}": float(value) for key, value in rounded.items()})
-    run = mlflow.active_run() if hasattr(mlflow, "active_run") else None  # None: tracking.enabled=false
-    if run is not None:
+    tracker = active()
+    tracker.log_metrics({f"result/{key}": float(value) for key, value in rounded.items()})
+    if tracker.enabled:
+        import mlflow
+
+        run = mlflow.active_run()
         current = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
         parts = [current.split("\n\n**Results**")[0], "**Results**", note,
                  markdown_table(rounded, ("headline", "value")) if rounded else "",
@@ -318,43 +322,122 @@ def connect(cfg: DictConfig) -> str:
     return uri
 
 
-_LOGGERS = ("log_metric", "log_metrics", "log_param", "log_params", "log_artifact", "log_artifacts",
-            "log_image", "log_table", "log_text", "log_dict", "log_figure", "set_tag", "set_tags")
+class Tracker:
+    """What a stage records in MLflow, through one object: `stage_run` hands it out and library code
+    running inside a stage gets it from `active()`; nothing else imports mlflow. A tracker made with
+    `enabled=False` (tracking.enabled=false, or no stage run open) records nothing and never imports
+    mlflow, so a machine without mlflow installed (a GPU box) runs every stage."""
+
+    def __init__(self, enabled: bool = True, run_id: str | None = None):
+        self.enabled = enabled
+        self.run_id = run_id  # the MLflow run it records into
+
+    @staticmethod
+    def _mlflow():
+        import mlflow
+
+        return mlflow
+
+    def log_metric(self, key: str, value: float, step: int | None = None) -> None:
+        if self.enabled:
+            self._mlflow().log_metric(key, value, step=step)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            self._mlflow().log_metrics(dict(metrics), step=step)
+
+    def log_param(self, key: str, value) -> None:
+        if self.enabled:
+            self._mlflow().log_param(key, value)
+
+    def log_params(self, params: Mapping) -> None:
+        if self.enabled:
+            self._mlflow().log_params(dict(params))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.enabled:
+            self._mlflow().set_tags(dict(tags))
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow().log_artifact(str(path), artifact_path=artifact_path)
+
+    def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
+        if self.enabled:
+            self._mlflow().log_artifacts(str(folder), artifact_path=artifact_path)
+
+    def log_picture(self, path: Path, artifact_dir: str = "pictures") -> None:
+        """A picture people look at (contact sheet, grid, heatmap), under `artifact_dir`."""
+        self.log_artifact(path, artifact_path=artifact_dir)
+
+    def log_image(self, image, key: str | None = None, step: int | None = None,
+                  artifact_file: str | None = None) -> None:
+        """An image: with `key` and `step`, one point of MLflow's image slider; else a file."""
+        if self.enabled:
+            if key is not None:
+                self._mlflow().log_image(image, key=key, step=step)
+            else:
+                self._mlflow().log_image(image, artifact_file=artifact_file)
+
+    def log_table(self, data: Mapping[str, list], artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow().log_table(data=dict(data), artifact_file=artifact_file)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow().log_text(text, artifact_file)
+
+    def log_dict(self, dictionary: Mapping, artifact_file: str) -> None:
+        if self.enabled:
+            self._mlflow().log_dict(dictionary, artifact_file)
+
+    @contextmanager
+    def child(self, stage: str, label: str) -> Iterator[Tracker]:
+        """A run "<stage> <label>" nested under this one (one per training replicate, per retrain
+        phase), so each keeps its own loss curve; its tracker is `active()` inside the `with`."""
+        if not self.enabled:
+            yield self
+            return
+        mlflow = self._mlflow()
+        with mlflow.start_run(run_name=f"{stage} {label}", nested=True) as run:
+            mlflow.set_tag("artmaster.stage", stage)
+            with _activated(Tracker(run_id=run.info.run_id)) as child:
+                yield child
+
+
+NO_TRACKING = Tracker(enabled=False)
+_ACTIVE: list[Tracker] = []
+
+
+def active() -> Tracker:
+    """The tracker of the innermost open stage run (or child run); NO_TRACKING when none is open
+    (tracking off, or a process of `accelerate launch` other than the main one)."""
+    return _ACTIVE[-1] if _ACTIVE else NO_TRACKING
 
 
 @contextmanager
-def _untracked(stage: str) -> Iterator[None]:
-    """`tracking.enabled=false`: inside the `with`, `import mlflow` gives a stand-in whose log_* and
-    set_tag(s) do nothing, so the stages' calls record nothing and a machine without mlflow
-    installed (a GPU box) runs every stage; the real module, if it was imported, comes back after."""
-    print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
-    stand_in = types.ModuleType("mlflow", "tracking.enabled=false: nothing is recorded")
-    for name in _LOGGERS:
-        setattr(stand_in, name, lambda *args, **kwargs: None)
-    saved = sys.modules.get("mlflow")
-    sys.modules["mlflow"] = stand_in
+def _activated(tracker: Tracker) -> Iterator[Tracker]:
+    _ACTIVE.append(tracker)
     try:
-        yield
+        yield tracker
     finally:
-        if saved is None:
-            sys.modules.pop("mlflow", None)
-        else:
-            sys.modules["mlflow"] = saved
+        _ACTIVE.remove(tracker)
 
 
 @contextmanager
-def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str = "") -> Iterator[object]:
+def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str = "") -> Iterator[Tracker]:
     """Open an MLflow run for one stage, logging the config sections it reads as params.
 
     Named `run_name(stage, label)`, described by the stage module's first sentence and its command
     line (`log_summary` adds the results). Nested under the active run when there is one (a Hydra
     sweep's parent run, a retrain round). The store is
     checked first: TrackingUnavailable (naming the URI and the fix) before any work when it cannot
-    be used. With `tracking.enabled=false` nothing is recorded and the run is None.
+    be used. Yields the run's `Tracker`; with `tracking.enabled=false` one that records nothing.
     """
     if not cfg.tracking.get("enabled", True):
-        with _untracked(stage):
-            yield None
+        print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
+        with _activated(NO_TRACKING) as tracker:
+            yield tracker
         return
     import mlflow
 
@@ -369,7 +452,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
     except Exception as error:  # MLflow's own errors (server errors, a broken store) at the start
         raise _unavailable(uri, f"{type(error).__name__}: {' '.join(str(error).split())[:300]}") from error
     read = {name: _plain(cfg[name]) for name in sections if name in cfg}
-    with active as run:
+    with active as run, _activated(Tracker(run_id=run.info.run_id)) as tracker:
         mlflow.set_tags(
             {
                 "artmaster.stage": stage,
@@ -386,7 +469,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
         items = list(params.items())
         for start in range(0, len(items), 100):
             mlflow.log_params(dict(items[start : start + 100]))
-        yield run
+        yield tracker
 
 
 # Settings that describe the model's shape or fixed lists rather than a run's recipe: kept in the
@@ -394,7 +477,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
 # (and offers each as a runs-table column), so 100+ params push the pictures out of sight.
 QUIET_PARAMS = ("model.architecture.", "train.samples.", "train.checkpoint.", "train.validation.", "train.export.",
                 "train.resume", "train.log_every", "augment.prompts", "evaluate.prompts", "evaluate.models",
-                "caption.template.", "crop.border.", "crop.ink.", "crop.score.", "evaluate.metrics.")
+                "caption.template.", "crop.border.", "crop.ink.", "crop.score.", "style_metric.")
 
 
 def run_params(read: Mapping, overridden: set[str] = frozenset()) -> dict[str, str]:
@@ -410,22 +493,3 @@ def _overridden_keys() -> set[str]:
     overrides = HydraConfig.get().overrides.task if HydraConfig.initialized() else []
     return {str(o).split("=", 1)[0].lstrip("+~") for o in overrides}
 
-
-def log_picture(path: Path, artifact_dir: str = "pictures") -> None:
-    import mlflow
-
-    mlflow.log_artifact(str(path), artifact_path=artifact_dir)
-
-
-@contextmanager
-def child_run(cfg: DictConfig, stage: str, label: str) -> Iterator[None]:
-    """A run "<stage> <label>" nested under the stage's open run (one per training replicate), so
-    each keeps its own loss curve; nothing when tracking is off."""
-    if not cfg.tracking.get("enabled", True):
-        yield
-        return
-    import mlflow
-
-    with mlflow.start_run(run_name=f"{stage} {label}", nested=True):
-        mlflow.set_tag("artmaster.stage", stage)
-        yield

@@ -1,10 +1,10 @@
 """Style-fidelity metrics: how closely images follow one painter's works.
 
-Typical use (settings from `cfg.evaluate.metrics`, conf/evaluate/default.yaml)::
+Typical use (settings from `cfg.style_metric`, conf/style_metric/default.yaml)::
 
-    extractor = StyleFeatureExtractor.from_config(cfg.evaluate.metrics)
+    extractor = StyleFeatureExtractor.from_config(cfg.style_metric)
     reference, _ = extractor.extract_folder(painter_dir)
-    model = StyleModel.fit(reference, cfg.evaluate.metrics)
+    model = StyleModel.fit(reference, cfg.style_metric)
     images, skipped = extractor.extract_folder(generated_dir)
     model.score(images)           # style_score per image, higher = closer to the painter
     model.set_distance(images)    # KID against the references, with a bootstrap interval

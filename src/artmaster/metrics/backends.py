@@ -1,7 +1,7 @@
 """Optional learned style features (CLIP, DINO, CSD), loaded offline from a local folder.
 
 A backend adds one `learned` block (an L2-normalised embedding per image) to the weight-free
-features. Weights are read only from `evaluate.metrics.backend_paths.<name>`, a transformers
+features. Weights are read only from `style_metric.backend_paths.<name>`, a transformers
 `save_pretrained` folder with safetensors weights; when it is not configured, missing or
 unloadable, the backend is skipped with a logged message and scoring carries on without it.
 
@@ -98,11 +98,11 @@ def load_backend(metrics: DictConfig | Mapping) -> LearnedBackend | None:
     if name == "none":
         return None
     if name not in BACKENDS:
-        raise ValueError(f"evaluate.metrics.backend={name!r} is not one of none, {', '.join(BACKENDS)}")
+        raise ValueError(f"style_metric.backend={name!r} is not one of none, {', '.join(BACKENDS)}")
     path = metrics["backend_paths"][name]
     try:
         if not path:
-            raise BackendUnavailable(f"evaluate.metrics.backend_paths.{name} is not set")
+            raise BackendUnavailable(f"style_metric.backend_paths.{name} is not set")
         return _open(name, Path(path), int(metrics["backend_batch_size"]))
     except BackendUnavailable as reason:
         log.warning("style backend %r skipped: %s; using the weight-free features only", name, reason)

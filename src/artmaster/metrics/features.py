@@ -96,7 +96,7 @@ class FeatureSettings:
 
     @classmethod
     def from_config(cls, metrics: DictConfig) -> FeatureSettings:
-        """Read `evaluate.metrics` (conf/evaluate/default.yaml) and check its consistency."""
+        """Read `style_metric` (conf/style_metric/default.yaml) and check its consistency."""
         settings = cls(
             scale=int(metrics.image.scale),
             tile=int(metrics.image.tile),
@@ -320,7 +320,7 @@ class StyleFeatureExtractor:
 
     @classmethod
     def from_config(cls, metrics: DictConfig) -> StyleFeatureExtractor:
-        """Extractor for `evaluate.metrics`, with the learned backend when one is configured and
+        """Extractor for `style_metric`, with the learned backend when one is configured and
         present on disk (skipped with a logged message otherwise)."""
         from artmaster.metrics.backends import load_backend
 

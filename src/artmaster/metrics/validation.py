@@ -13,7 +13,7 @@ its palette, so leaving out one crop at a time would let its siblings vouch for 
   no labels used) of its own class?
 
 `choose_block_weights` picks the block weights that separate best while the named filters close
-no more than a set share of the gap: the defaults in conf/evaluate/default.yaml come from it, run on the
+no more than a set share of the gap: the defaults in conf/style_metric/default.yaml come from it, run on the
 synthetic painters (`artmaster validate-metric --synthetic DIR --choose-weights`).
 """
 
