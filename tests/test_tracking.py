@@ -111,3 +111,6 @@ def test_active_is_the_innermost_run_and_a_child_records_into_its_own_run(make_c
     logged = client.get_run(child.run_id)
     assert logged.data.metrics == {"loss": 0.5} and logged.data.tags["mlflow.parentRunId"] == run.run_id
     assert logged.info.run_name == "train seed 1" and logged.data.tags["artmaster.stage"] == "train"
+    # in the stage's experiment (the MLflow UI shows it under its parent there), not in "Default"
+    assert logged.info.experiment_id == client.get_run(run.run_id).info.experiment_id
+    assert logged.info.experiment_id == client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id

@@ -399,7 +399,9 @@ class Tracker:
             yield self
             return
         mlflow = self._mlflow()
-        with mlflow.start_run(run_name=f"{stage} {label}", nested=True) as run:
+        # in the parent's experiment: without experiment_id MLflow puts a nested run in "Default"
+        experiment_id = mlflow.get_run(self.run_id).info.experiment_id
+        with mlflow.start_run(run_name=f"{stage} {label}", nested=True, experiment_id=experiment_id) as run:
             mlflow.set_tag("artmaster.stage", stage)
             with _activated(Tracker(run_id=run.info.run_id)) as child:
                 yield child
