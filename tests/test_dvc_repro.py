@@ -46,7 +46,7 @@ def workspace(tmp_path_factory) -> Path:
             shutil.copy2(ROOT / name, repo / name)
     demo = repo / "conf" / "data" / "demo.yaml"
     text = demo.read_text(encoding="utf-8")
-    smaller = {"scans": "1", "count": "4", "in_subfolder": "1", "min_long_side": "1600", "max_long_side": "1800"}
+    smaller = {"scans": "1", "count": "3", "in_subfolder": "1", "min_long_side": "1024", "max_long_side": "1200"}
     for key, value in smaller.items():
         text, count = re.subn(rf"(?m)^  {key}:\s*\S+", f"  {key}: {value}", text, count=1)
         assert count == 1, key
