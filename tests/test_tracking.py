@@ -100,6 +100,8 @@ def test_with_tracking_off_the_tracker_records_nothing_and_mlflow_is_never_impor
 
 def test_active_is_the_innermost_run_and_a_child_records_into_its_own_run(make_cfg):
     cfg = make_cfg()
+    with stage_run(cfg, "train", sections=(), main=False) as other_process:  # accelerate's other ranks
+        assert other_process is NO_TRACKING and active() is NO_TRACKING
     with stage_run(cfg, "train", sections=()) as run:
         assert active() is run and run.enabled
         with run.child("train", "seed 1") as child:
@@ -108,6 +110,7 @@ def test_active_is_the_innermost_run_and_a_child_records_into_its_own_run(make_c
         assert active() is run
     assert active() is NO_TRACKING
     client = mlflow.MlflowClient(tracking_uri=cfg.tracking.uri)
+    assert len(client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment_name).experiment_id])) == 2
     logged = client.get_run(child.run_id)
     assert logged.data.metrics == {"loss": 0.5} and logged.data.tags["mlflow.parentRunId"] == run.run_id
     assert logged.info.run_name == "train seed 1" and logged.data.tags["artmaster.stage"] == "train"

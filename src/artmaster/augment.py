@@ -43,7 +43,7 @@ from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_ato
 from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
-from artmaster.tracking import NO_TRACKING, active, log_summary, stage_run
+from artmaster.tracking import active, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -339,10 +339,9 @@ def run(cfg: DictConfig) -> dict:
     round_out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
     training_reference = TrainingReference(cfg.style_metric, crop_dir, crops)
     processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "style_metric", "replicates"),
-                         label=f"round {settings.round}") if processes.is_main else nullcontext(NO_TRACKING)
     metrics = {}
-    with tracking as tracker:
+    with stage_run(cfg, "augment", sections=("augment", "critic", "refine", "model", "style_metric", "replicates"),
+                   label=f"round {settings.round}", main=processes.is_main) as tracker:
         for replicate, replicate_cfg in replicates.each(cfg):
             adapter = replicate.adapter(round_adapter(cfg))
             with tracker.child("augment", replicate.label) if not replicate.is_product else nullcontext():

@@ -34,7 +34,6 @@ import json
 import logging
 import re
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -56,7 +55,7 @@ from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, pai
 from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
 from artmaster.report import draw_grid, markdown_summary, render_report
-from artmaster.tracking import NO_TRACKING, Tracker, log_summary, stage_run
+from artmaster.tracking import Tracker, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
@@ -392,14 +391,13 @@ def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], 
     painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts,
                                                  JudgeSettings.from_config(settings.judge))
     start, auc = 0, {}
-    s = stats
     for row in rows:
         count = len(row.flat_images)
         row.judge = scores[start : start + count].reshape(len(row.images), len(plan))
         start += count
         auc[row.name] = clustered_auc(painter_scores, np.array(scans), row.judge.ravel(),
                                       np.array([index for _ in row.images for index, _, _ in plan]),
-                                      int(s.bootstrap), float(s.confidence), int(s.seed)).as_dict()
+                                      int(stats.bootstrap), float(stats.confidence), int(stats.seed)).as_dict()
     return painter_scores, auc
 
 
@@ -430,9 +428,8 @@ def run(cfg: DictConfig) -> dict:
     started = time.perf_counter()
 
     processes = Processes(cfg.model)
-    tracking = stage_run(cfg, "evaluate", sections=("evaluate", "style_metric", "model", "replicates")) \
-        if processes.is_main else nullcontext(NO_TRACKING)
-    with tracking as tracker:
+    with stage_run(cfg, "evaluate", sections=("evaluate", "style_metric", "model", "replicates"),
+                   main=processes.is_main) as tracker:
         # only the main process measures: the others need no crops, and no VAE roundtrip of them
         train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
         rows, roundtrip = paint_rows(cfg, specs, plan, processes, train_crops[1] if settings.vae_roundtrip else [])

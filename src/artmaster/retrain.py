@@ -45,7 +45,7 @@ from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.dataset import Example, scaled_size
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
 from artmaster.replicates import Replicate
-from artmaster.tracking import NO_TRACKING, log_summary, stage_run
+from artmaster.tracking import log_summary, stage_run
 from artmaster.training.checkpoints import resume_identity
 from artmaster.training.export import headline as train_headline
 from artmaster.training.lora_card import base_model_name, lora_metrics, model_card, training_recipe
@@ -211,9 +211,8 @@ def _copy_folder(source: Path, target: Path) -> None:
 
 def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
-    tracking = (stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}")
-                if accelerator.is_main_process else nullcontext(NO_TRACKING))
-    with tracking as tracker:
+    with stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}",
+                   main=accelerator.is_main_process) as tracker:
         tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(cfg.retrain.mode),
                           "artmaster.retrain_phase": phase})
         tracker.log_params({"retrain.phase": phase, "round": r})
@@ -404,9 +403,8 @@ def run(cfg: DictConfig) -> dict:
         return metrics
     accelerator = make_accelerator(recipe_config(cfg))
     is_main = accelerator.is_main_process
-    tracking = (stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}")
-                if is_main else nullcontext(NO_TRACKING))
-    with tracking as tracker:
+    with stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}",
+                   main=is_main) as tracker:
         tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
                           "artmaster.retrain_phase": "round"})
         summary = {}

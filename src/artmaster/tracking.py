@@ -208,8 +208,7 @@ def log_summary(headline: Mapping, details: Mapping | None = None, note: str = "
     if tracker.enabled:
         import mlflow
 
-        run = mlflow.active_run()
-        current = mlflow.MlflowClient().get_run(run.info.run_id).data.tags.get("mlflow.note.content", "")
+        current = mlflow.MlflowClient().get_run(tracker.run_id).data.tags.get("mlflow.note.content", "")
         parts = [current.split("\n\n**Results**")[0], "**Results**", note,
                  markdown_table(rounded, ("headline", "value")) if rounded else "",
                  markdown_table(headline_values(details), ("summary", "value")) if details else ""]
@@ -427,15 +426,20 @@ def _activated(tracker: Tracker) -> Iterator[Tracker]:
 
 
 @contextmanager
-def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str = "") -> Iterator[Tracker]:
+def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str = "",
+              main: bool = True) -> Iterator[Tracker]:
     """Open an MLflow run for one stage, logging the config sections it reads as params.
 
     Named `run_name(stage, label)`, described by the stage module's first sentence and its command
     line (`log_summary` adds the results). Nested under the active run when there is one (a Hydra
     sweep's parent run, a retrain round). The store is
     checked first: TrackingUnavailable (naming the URI and the fix) before any work when it cannot
-    be used. Yields the run's `Tracker`; with `tracking.enabled=false` one that records nothing.
+    be used. Yields the run's `Tracker`; with `tracking.enabled=false`, and in the processes of
+    `accelerate launch` other than the main one (`main=False`), NO_TRACKING.
     """
+    if not main:
+        yield NO_TRACKING
+        return
     if not cfg.tracking.get("enabled", True):
         print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
         with _activated(NO_TRACKING) as tracker:

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from artmaster import replicates
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.tracking import NO_TRACKING, stage_run
+from artmaster.tracking import stage_run
 from artmaster.training.loop import make_accelerator, train
 
 
@@ -46,9 +46,8 @@ def run(cfg: DictConfig) -> dict:
     Each further replicate (`replicates.count`) trains the same recipe with its own seed."""
     accelerator = make_accelerator(cfg)
     is_main = accelerator.is_main_process
-    tracking = (stage_run(cfg, "train", sections=("train", "model", "replicates"), label=recipe_label(cfg))
-                if is_main else nullcontext(NO_TRACKING))
-    with tracking as tracker:
+    with stage_run(cfg, "train", sections=("train", "model", "replicates"), label=recipe_label(cfg),
+                   main=is_main) as tracker:
         metrics = {}
         for replicate, replicate_cfg in replicates.each(cfg):
             with tracker.child("train", replicate.label) if not replicate.is_product else nullcontext():

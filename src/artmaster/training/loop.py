@@ -140,7 +140,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     vset = validation_set(data.encodings, sorted(plan.held), list(settings.validation.sigmas), int(cfg.seed),
                           state.flow, device)
     if is_main:
-        _log_plan(cfg, data, plan, setup, start_step)
+        _log_plan(data, plan, setup, start_step)
 
     # 4. loop over optimizer steps
     watch = NonFiniteWatch(device)
@@ -420,7 +420,7 @@ def _tag_run(cfg: DictConfig) -> None:
     active().log_param("seed", cfg.seed)
 
 
-def _log_plan(cfg, data: TrainingData, plan: BatchPlan, setup: TrainSetup, start_step: int) -> None:
+def _log_plan(data: TrainingData, plan: BatchPlan, setup: TrainSetup, start_step: int) -> None:
     buckets = ", ".join(f"{w}x{h}: {len(ids)}" for (w, h), ids in sorted(plan.ids_by_size.items()))
     print(f"train: {len(data.examples)} crops ({len(plan.held)} held for validation), buckets {buckets}; "
           f"{plan.total_step} optimizer steps")
