@@ -124,9 +124,9 @@ def test_metrics_are_the_stages_headline_files():
 LAYERS = {
     "stages": ["compose", "demo_scans", "ingest", "crop", "caption", "base", "train", "augment", "retrain", "evaluate"],
     "tools": ["cli", "score", "results", "sweep"],
-    "roles": ["generate", "critic", "refine", "report", "judge", "adherence"],
+    "roles": ["critic", "refine", "report", "judge", "adherence"],
     "training": ["training"],
-    "models": ["models", "adalora", "lora_branch", "flux_math", "vlm", "metrics", "processes", "replicates"],
+    "models": ["models", "generate", "adalora", "lora_branch", "flux_math", "vlm", "metrics", "processes", "replicates"],
     "data": ["dataset", "caption_words", "imagestats", "painter"],
     "plumbing": ["config", "runtime", "files", "tracking"],
 }

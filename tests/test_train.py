@@ -9,18 +9,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers.launch import accelerate_launch, offline_env
 from helpers.training import FAST, PORTRAIT, SQUARE, killed_at_step, make_run_cfg, write_fixture_data
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from artmaster import dataset, models, train
 from artmaster.config import compose, project_root
+from artmaster.generate import generate_images
 from artmaster.training.batches import optimizer_steps, process_batches
 from artmaster.training.checkpoints import list_checkpoints
-from artmaster.training.encodings import build_cache, encode_image, load_pixels
+from artmaster.training.encodings import build_cache, encode_image, free_encoders, load_pixels
 from artmaster.training.step import flow_matching_loss
+from artmaster.training.validation import render_samples
 
 # --- pure helpers -------------------------------------------------------------------------------
 
@@ -111,6 +115,25 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(train_assets, tmp_pa
     swapped = [dataset.Example(a.sample_id, a.image_path, b.caption, a.size) for a, b in zip(examples, examples[::-1])]
     monkeypatch.undo()
     assert not build_cache(pipe, swapped, [], cache, cfg.model, False).files & used
+
+
+def test_samples_are_what_generate_paints_from_cached_embeddings_with_the_encoders_freed(make_cfg):
+    cfg = make_cfg()
+    pipe = models.build_random_pipeline(cfg.model)
+    settings = OmegaConf.create({"prompts": ["misty gorge", "a cat"], "seeds": [3, 4], "batch_size": 3,
+                                 "width": 64, "height": 64, "steps": 2, "guidance": 1.0})
+    painted = generate_images(pipe, ["misty gorge"] * 2 + ["a cat"] * 2, [3, 4, 3, 4], height=64, width=64,
+                              steps=2, guidance=1.0, max_sequence_length=16, batch_size=1)
+    encodings = {}
+    for prompt in settings.prompts:
+        embeds, pooled = models.prompt_embeddings(pipe, [prompt], 16)
+        encodings[prompt] = {"prompt_embeds": embeds[0], "pooled_prompt_embeds": pooled[0]}
+    free_encoders(pipe)  # as in training: only the cached embeddings are left
+    samples = render_samples(pipe, encodings, settings, 16, torch.device("cpu"))
+    assert [(prompt, seed) for prompt, seed, _ in samples] == [("misty gorge", 3), ("misty gorge", 4),
+                                                              ("a cat", 3), ("a cat", 4)]
+    for (_, _, image), expected in zip(samples, painted):
+        assert np.abs(np.asarray(image, np.int16) - np.asarray(expected, np.int16)).max() <= 1
 
 
 # --- the stage ----------------------------------------------------------------------------------

@@ -178,6 +178,7 @@ RANGES: dict[str, tuple[Callable[[object, DictConfig], bool], str]] = {
     "train.adalora.target_r": (lambda v, cfg: 1 <= v <= cfg.train.adalora.init_r,
                                "between 1 and train.adalora.init_r"),
     "train.adalora.lora_alpha": (lambda v, cfg: v > 0, "greater than 0"),
+    "train.samples.batch_size": (lambda v, cfg: v >= 1, "at least 1"),
     "train.samples.width": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
     "train.samples.height": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),
     "crop.buckets.*.width": (lambda v, cfg: _multiple_of_16(v), "a multiple of 16 (FLUX: VAE /8, then 2x2 patches)"),

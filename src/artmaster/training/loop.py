@@ -194,6 +194,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds)
     if rate.steady is not None:
         metrics["steady_steps_per_second"] = rate.steady
+    if accelerator.device.type == "cuda":
+        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
     metrics["rank_checksums"] = checksums
     if setup != TrainSetup():
         metrics["extra_examples"] = len(data.extra)
@@ -376,7 +378,8 @@ def _evaluate(cfg, state: TrainingState, data: TrainingData, vset: ValidationSet
             tracker.log_metric(METRIC_NAMES["val_loss"], value, step=step)
             history.append({"step": step, "val_loss": value})
         if sample and cfg.train.samples.enabled and cfg.train.samples.prompts:
-            samples = render_samples(data.pipe, data.prompt_encodings, cfg.train.samples, state.accelerator.device)
+            samples = render_samples(data.pipe, data.prompt_encodings, cfg.train.samples,
+                                     int(cfg.model.max_sequence_length), state.accelerator.device)
             prompts = list(cfg.train.samples.prompts)
             for prompt, seed, image in samples:  # one slider per prompt and seed, the step on the slider
                 tracker.log_image(captioned(image, f"seed {seed}: {prompt}"),

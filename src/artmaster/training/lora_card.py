@@ -9,9 +9,11 @@ from collections import defaultdict
 
 from omegaconf import DictConfig, OmegaConf
 
-# metrics that differ from run to run of the same recipe: MLflow and metrics.json hold them, the
-# exported LoRA never (its bytes stay a function of the recipe, so DVC sees nothing new downstream)
-TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds")
+# metrics that differ from run to run of the same recipe (and from machine to machine): MLflow and
+# metrics.json hold them, the exported LoRA never (its bytes stay a function of the recipe, so DVC
+# sees nothing new downstream)
+TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds",
+           "peak_gpu_memory_gb")
 
 
 def lora_metrics(metrics: dict) -> dict:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from artmaster import flux_math
 from artmaster.files import labelled_grid
+from artmaster.generate import generate_images
 from artmaster.training.batches import Batch, keyed_generator, make_batch
 from artmaster.training.state import FlowSettings
 
@@ -57,21 +58,23 @@ def validation_loss(model, vset: ValidationSet, flow: FlowSettings) -> torch.Ten
     return torch.stack(losses).mean()
 
 
-def render_samples(pipe, prompt_encodings, settings: DictConfig, device) -> list[tuple[str, int, Image.Image]]:
-    """One image per (prompt, seed) at fixed settings, from the cached prompt embeddings."""
-    images = []
-    for prompt in settings.prompts:
-        entry = prompt_encodings[prompt]
-        for seed in settings.seeds:
-            image = pipe(
-                prompt_embeds=entry["prompt_embeds"][None].to(device, pipe.transformer.dtype),
-                pooled_prompt_embeds=entry["pooled_prompt_embeds"][None].to(device, pipe.transformer.dtype),
-                height=int(settings.height), width=int(settings.width),
-                num_inference_steps=int(settings.steps), guidance_scale=float(settings.guidance),
-                generator=torch.Generator(device=device).manual_seed(int(seed)),
-            ).images[0]
-            images.append((prompt, int(seed), image))
-    return images
+def render_samples(pipe, prompt_encodings, settings: DictConfig, max_sequence_length: int,
+                   device) -> list[tuple[str, int, Image.Image]]:
+    """One image per (prompt, seed) at fixed settings, from the cached prompt embeddings, painted
+    the way `artmaster generate` paints (the same starting noise for a seed), `settings.batch_size`
+    images per call."""
+    dtype = pipe.transformer.dtype
+    cache = {(prompt, max_sequence_length): (entry["prompt_embeds"][None].to(device, dtype),
+                                              entry["pooled_prompt_embeds"][None].to(device, dtype))
+             for prompt, entry in prompt_encodings.items()}
+    pairs = [(prompt, int(seed)) for prompt in settings.prompts for seed in settings.seeds]
+    images = generate_images(
+        pipe, [prompt for prompt, _ in pairs], [seed for _, seed in pairs],
+        height=int(settings.height), width=int(settings.width), steps=int(settings.steps),
+        guidance=float(settings.guidance), max_sequence_length=max_sequence_length,
+        batch_size=int(settings.batch_size), embedding_cache=cache,
+    )
+    return [(prompt, seed, image) for (prompt, seed), image in zip(pairs, images)]
 
 
 def sample_grid(samples: list[tuple[str, int, Image.Image]], step: int) -> Image.Image:
