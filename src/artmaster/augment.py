@@ -38,9 +38,9 @@ from tqdm import tqdm
 from artmaster import replicates
 from artmaster.config import Settings, hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
-from artmaster.dataset import TRAIN, split_rows
+from artmaster.dataset import TRAIN, GenerationSettings, split_rows
 from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_atomic
-from artmaster.generate import GenerationSettings, generate_images, load_adapter
+from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.processes import Processes
 from artmaster.tracking import active, log_summary, stage_run

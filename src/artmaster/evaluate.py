@@ -46,9 +46,9 @@ from scipy.spatial.distance import pdist
 from artmaster import replicates, runtime
 from artmaster.adherence import NOT_AVAILABLE, ClipScorer
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.dataset import HELDOUT, TRAIN, scaled_size, split_rows
+from artmaster.dataset import HELDOUT, TRAIN, GenerationSettings, scaled_size, split_rows
 from artmaster.files import read_jsonl, staged_dir, write_atomic
-from artmaster.generate import GenerationSettings, adapter_applied, generate_images
+from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
 from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, paired_effect

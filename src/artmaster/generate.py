@@ -15,36 +15,17 @@ import argparse
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm import tqdm
 
-from artmaster.config import Settings, compose
-from artmaster.dataset import scaled_size
+from artmaster.config import compose
 from artmaster.files import image_grid, save_image_atomic
 
 # prompt -> (T5 sequence embeddings (1, L, D), CLIP pooled embedding (1, P)), at one sequence length
 EmbeddingCache = dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class GenerationSettings(Settings):
-    """A stage's `generation` section (augment's, evaluate's): the sampler and the image size."""
-
-    width: int
-    height: int
-    image_scale: float
-    steps: int
-    guidance: float
-    batch_size: int
-
-    @property
-    def size(self) -> tuple[int, int]:
-        """(width, height) after `image_scale`, as train sees its crops."""
-        return scaled_size(self.width, self.height, self.image_scale)
 
 
 def encode_prompts(pipe, prompts: Sequence[str], max_sequence_length: int,
