@@ -8,7 +8,7 @@ from helpers.bad_scans import shared_tracking_overrides
 from PIL import ExifTags, Image, ImageOps
 
 from artmaster.config import compose
-from artmaster.demo_scans import plan, run
+from artmaster.demo_scans import DemoSettings, plan, run
 from artmaster.ingest import run as ingest
 
 MAGIC = {"jpeg": b"\xff\xd8\xff", "png": b"\x89PNG\r\n\x1a\n", "tiff16": b"II*\x00"}
@@ -21,7 +21,7 @@ SMALL = [
 
 
 def test_default_plan_is_fourteen_big_mixed_scans():
-    items = plan(compose().data.demo)
+    items = plan(DemoSettings.from_config(compose().data.demo))
     assert len(items) == 14
     assert min(max(item.width, item.height) for item in items) >= 2000
     assert {item.width > item.height for item in items} == {True, False}  # landscape and portrait
@@ -43,7 +43,7 @@ def test_default_plan_is_fourteen_big_mixed_scans():
 )
 def test_bad_demo_settings_are_refused(override, message):
     with pytest.raises((ValueError, KeyError), match=message):
-        plan(compose([override]).data.demo)
+        plan(DemoSettings.from_config(compose([override]).data.demo))
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def demo(tmp_path_factory):
     cfg = make_cfg("first")
     result = run(cfg)
     return SimpleNamespace(
-        cfg=cfg, result=result, out=Path(result["dir"]), items=plan(cfg.data.demo), make_cfg=make_cfg
+        cfg=cfg, result=result, out=Path(result["dir"]), items=plan(DemoSettings.from_config(cfg.data.demo)), make_cfg=make_cfg
     )
 
 

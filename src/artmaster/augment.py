@@ -36,9 +36,9 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from artmaster import replicates
-from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
+from artmaster.config import Settings, hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
-from artmaster.dataset import TRAIN, scaled_size, split_rows
+from artmaster.dataset import TRAIN, GenerationSettings, split_rows
 from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_atomic
 from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
@@ -57,23 +57,47 @@ class Sample:
     seed: int
 
 
-def sample_plan(settings: DictConfig) -> list[Sample]:
-    prompts = [str(p) for p in settings.prompts]
+@dataclass(frozen=True)
+class FilterSettings(Settings):
+    margin: float
+    near_copy_distance: float
+
+
+@dataclass(frozen=True)
+class PictureSettings(Settings):
+    panel_height: int
+    font_size: int
+    line_width: int
+    colours: tuple[str, ...]
+    contact_columns: int
+
+
+@dataclass(frozen=True)
+class AugmentSettings(Settings):
+    round: int
+    rounds: int
+    prompts: tuple[str, ...]
+    count: int
+    seed: int
+    generation: GenerationSettings
+    filter: FilterSettings
+    picture: PictureSettings
+
+
+def sample_plan(settings: AugmentSettings) -> list[Sample]:
+    prompts = list(settings.prompts)
     if not prompts:
         raise ValueError("augment.prompts is empty: give at least one content prompt")
-    if int(settings.count) < 0:
+    if settings.count < 0:
         raise ValueError(f"augment.count must be >= 0, got {settings.count}")
-    return [
-        Sample(f"{i:04d}", prompts[i % len(prompts)], int(settings.seed) + i) for i in range(int(settings.count))
-    ]
+    return [Sample(f"{i:04d}", prompts[i % len(prompts)], settings.seed + i) for i in range(settings.count)]
 
 
-def generation_settings(cfg: DictConfig) -> dict:
+def generation_settings(cfg: DictConfig, gen: GenerationSettings) -> dict:
     """Keyword arguments of `generate_images` and the refiners for this stage."""
-    gen = cfg.augment.generation
-    width, height = scaled_size(int(gen.width), int(gen.height), float(gen.image_scale))
+    width, height = gen.size
     return {
-        "height": height, "width": width, "steps": int(gen.steps), "guidance": float(gen.guidance),
+        "height": height, "width": width, "steps": gen.steps, "guidance": gen.guidance,
         "max_sequence_length": int(cfg.model.max_sequence_length),
     }
 
@@ -107,17 +131,17 @@ def inputs_fingerprint(cfg: DictConfig, adapter: Path, crops_file: Path, caption
 # --- pictures ----------------------------------------------------------------------------------
 
 
-def draw_comparison(original: Image.Image, refined: Image.Image | None, record: dict, picture: DictConfig) -> Image.Image:
+def draw_comparison(original: Image.Image, refined: Image.Image | None, record: dict, picture: PictureSettings) -> Image.Image:
     """Before | after, each `panel_height` px tall, boxes drawn and numbered on both, the local
     prompts, reasons, scores and the verdict written underneath."""
-    font = ImageFont.load_default(size=int(picture.font_size))
-    scale = int(picture.panel_height) / original.height
-    panel = (round(original.width * scale), int(picture.panel_height))
-    gap, line = 6, int(picture.font_size) + 4
+    font = ImageFont.load_default(size=picture.font_size)
+    scale = picture.panel_height / original.height
+    panel = (round(original.width * scale), picture.panel_height)
+    gap, line = 6, picture.font_size + 4
     after = refined.resize(panel, Image.Resampling.NEAREST) if refined is not None else Image.new("RGB", panel, "#d0d0d0")
     panels = [original.resize(panel, Image.Resampling.NEAREST), after]
     width = 2 * panel[0] + gap
-    chars = max(20, int(width / (0.6 * int(picture.font_size))))
+    chars = max(20, int(width / (0.6 * picture.font_size)))
     gain = record["style_gain"]
     titles = [
         f"before  style {record['style_before']:.3f}",
@@ -139,7 +163,7 @@ def draw_comparison(original: Image.Image, refined: Image.Image | None, record: 
             colour = colours[(number - 1) % len(colours)]
             x1, y1, x2, y2 = (v * scale for v in edit["box"])
             box = (left + x1, line + y1, left + x2 - 1, line + y2 - 1)
-            draw.rectangle(box, outline=colour, width=int(picture.line_width))
+            draw.rectangle(box, outline=colour, width=picture.line_width)
             tag = draw.textbbox((box[0] + 2, box[1] + 1), str(number), font=font)
             draw.rectangle(tag, fill=colour)
             draw.text((box[0] + 2, box[1] + 1), str(number), fill="white", font=font)
@@ -220,10 +244,10 @@ def _finished(path: Path, sample: Sample, fingerprint: str) -> dict | None:
     return record if same else None
 
 
-def filter_verdict(style_gain: float, nearest_distance: float, nearest_crop: str, settings: DictConfig) -> tuple[bool, str]:
+def filter_verdict(style_gain: float, nearest_distance: float, nearest_crop: str, settings: FilterSettings) -> tuple[bool, str]:
     """(accepted, why): a refined image is kept when it is no near-copy of a crop and its style
     score beats the original's by the margin."""
-    margin, near = float(settings.margin), float(settings.near_copy_distance)
+    margin, near = settings.margin, settings.near_copy_distance
     if nearest_distance < near:
         return False, (
             f"near-copy of crop {nearest_crop} (distance {nearest_distance:.3f} < {near} of the typical distance)"
@@ -236,7 +260,7 @@ def filter_verdict(style_gain: float, nearest_distance: float, nearest_crop: str
 def process_sample(sample: Sample, original: Image.Image, workers: Workers, generation: dict, cfg: DictConfig,
                    out: Path, fingerprint: str) -> dict:
     """Critique, refine and filter one sample's generated original; write its files, JSON last."""
-    settings = cfg.augment
+    settings = AugmentSettings.from_config(cfg.augment)
     edits: list[Edit] = workers.critic.critique(original, sample.prompt)
     refined = workers.refiner.refine(original, sample.prompt, sample.seed, edits, **generation) if edits else None
     extractor, model = workers.reference
@@ -245,7 +269,7 @@ def process_sample(sample: Sample, original: Image.Image, workers: Workers, gene
     scores = model.score(features)
     record = {
         "sample_id": sample.sample_id,
-        "round": int(settings.round),
+        "round": settings.round,
         "prompt": sample.prompt,
         "seed": sample.seed,
         "fingerprint": fingerprint,
@@ -297,11 +321,11 @@ def remove_stale(out: Path, plan: list[Sample]) -> None:
                 path.unlink()
 
 
-def summarise(records: list[dict], settings: DictConfig) -> dict:
+def summarise(records: list[dict], settings: AugmentSettings) -> dict:
     refined = [r for r in records if r["style_gain"] is not None]
     accepted = [r for r in records if r["accepted"]]
     return {
-        "round": int(settings.round),
+        "round": settings.round,
         "samples": len(records),
         "refined": len(refined),
         "accepted": len(accepted),
@@ -315,18 +339,17 @@ def summarise(records: list[dict], settings: DictConfig) -> dict:
 def round_adapter(cfg: DictConfig) -> Path:
     """The LoRA this round paints with: `augment.adapter` in round 0, the adapter retrained in
     round r-1 (data/retrain/round_<r-1>/lora) in round r > 0 (`augment.plan`)."""
-    return Path(str(round_entry(cfg, int(cfg.augment.round))["adapter"]))
+    return Path(str(round_entry(cfg, cfg.augment.round)["adapter"]))
 
 
 def run(cfg: DictConfig) -> dict:
     """One ArtAug round: generate -> critique -> refine -> filter, resumable per sample; for each
     training replicate (`replicates.count`) with that replicate's adapter."""
-    settings = cfg.augment
-    if not 0 <= int(settings.round) < int(settings.rounds):
+    settings = AugmentSettings.from_config(cfg.augment)
+    if not 0 <= settings.round < settings.rounds:
         raise ValueError(f"augment.round={settings.round} must be in [0, augment.rounds={settings.rounds})")
-    batch_size = int(settings.generation.batch_size)
-    if batch_size < 1:
-        raise ValueError(f"augment.generation.batch_size must be >= 1, got {batch_size}")
+    if settings.generation.batch_size < 1:
+        raise ValueError(f"augment.generation.batch_size must be >= 1, got {settings.generation.batch_size}")
     crop_dir = stage_dir(cfg, "crop")
     crops_file = crop_dir / "crops.jsonl"
     captions_file = stage_dir(cfg, "caption") / "captions.jsonl"
@@ -336,7 +359,7 @@ def run(cfg: DictConfig) -> dict:
     train_ids = {str(row["crop_id"]) for row in crops}
     captions = [str(row["caption"]) for row in read_jsonl(captions_file)
                 if row.get("caption") and str(row.get("crop_id")) in train_ids]
-    round_out = stage_dir(cfg, "augment") / f"round_{int(settings.round)}"
+    round_out = stage_dir(cfg, "augment") / f"round_{settings.round}"
     training_reference = TrainingReference(cfg.style_metric, crop_dir, crops)
     processes = Processes(cfg.model)
     metrics = {}
@@ -358,15 +381,15 @@ def run(cfg: DictConfig) -> dict:
 
 def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str, processes: Processes) -> dict:
     """The round for one adapter (`workers.adapter`), written into `out`; logged to the open run."""
-    settings = cfg.augment
+    settings = AugmentSettings.from_config(cfg.augment)
     adapter = workers.adapter
     if not adapter.is_dir() or not any(adapter.glob("*.safetensors")):
         previous = ("`artmaster train` first, or point augment.adapter at a diffusers LoRA folder"
-                    if int(settings.round) == 0 else f"`artmaster retrain retrain.round={int(settings.round) - 1}` first")
+                    if settings.round == 0 else f"`artmaster retrain retrain.round={settings.round - 1}` first")
         raise FileNotFoundError(f"augment.adapter {adapter}: no LoRA folder with *.safetensors (run {previous})")
     plan = sample_plan(settings)
-    generation = generation_settings(cfg)
-    batch_size = int(settings.generation.batch_size)
+    generation = generation_settings(cfg, settings.generation)
+    batch_size = settings.generation.batch_size
     if processes.is_main:
         for folder in SUBFOLDERS:
             (out / folder).mkdir(parents=True, exist_ok=True)
@@ -401,7 +424,7 @@ def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str
         for record in records:
             with Image.open(out / record["files"]["comparison"]) as opened:
                 pictures.append(opened.convert("RGB"))
-        sheet = image_grid(pictures, int(settings.picture.contact_columns), [r["sample_id"] for r in records])
+        sheet = image_grid(pictures, settings.picture.contact_columns, [r["sample_id"] for r in records])
         save_image_atomic(sheet, out / "contact_sheet.png")
         tracker.log_picture(out / "contact_sheet.png", "augment")
         tracker.log_artifacts(out / "comparisons", artifact_path="augment/pairs")

@@ -6,12 +6,16 @@ thin ``main = hydra_entry(run)`` that the ``artmaster`` command and dvc.yaml cal
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import importlib
 import json
 import os
 import sys
+import typing
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from types import UnionType
 
 import hydra
 from hydra import compose as hydra_compose
@@ -100,39 +104,87 @@ class ConfigError(ValueError):
     prints its message alone (one line, no traceback) and exits with status 2."""
 
 
-# The most important numeric keys, checked whatever set them (a conf/ file or an override).
-# Every other key is checked only when an override sets it: against the type of its conf/ value.
-TYPED_KEYS = {
-    "seed": "int",
-    "data.ingest.min_side": "int",
-    "data.ingest.max_aspect": "number",
-    "data.ingest.max_image_pixels": "int",
-    "data.ingest.max_long_side": "int",
-    "crop.max_iou": "number",
-    "crop.max_per_scan": "int",
-    "crop.per_bucket_scale": "int",
-    "crop.stride": "number",
-    "crop.min_ink_fraction": "number",
-    "train.image_scale": "number",
-    "train.repeats": "int",
-    "train.epochs": "int",
-    "train.batch_size": "int",
-    "train.gradient_accumulation": "int",
-    "train.optim.lr": "number",
-    "train.optim.weight_decay": "number",
-    "train.log_every": "int",
-    "train.checkpoint.keep": "int",
-    "train.adalora.init_r": "int",
-    "train.adalora.target_r": "int",
-    "train.adalora.lora_alpha": "number",
-    "train.samples.width": "int",
-    "train.samples.height": "int",
-    "augment.count": "int",
-    "augment.rounds": "int",
-    "tracking.enabled": "bool",
-    "tracking.timeout_s": "number",
-    "tracking.retries": "int",
+class Settings:
+    """Base of the typed settings a stage reads once from its config section: a frozen dataclass
+    whose fields are named like the section's keys and annotated int, float, bool, str or tuple
+    (`| None` where null switches a setting off), or another Settings dataclass for a subsection;
+    a field with a default may be absent from the section. `from_config` converts each value to its
+    field's type (an integer given for a float setting reads as a float), so the code reads typed
+    attributes instead of casting at every use."""
+
+    @classmethod
+    def from_config(cls, section: DictConfig):
+        values = {}
+        for name, kind in _field_types(cls).items():
+            if name not in section:
+                continue  # the field's default
+            value = section[name]
+            if value is not None:
+                value = kind.from_config(value) if issubclass(kind, Settings) else kind(value)
+            values[name] = value
+        return cls(**values)
+
+    @classmethod
+    def kinds(cls, prefix: str) -> dict[str, str]:
+        """key -> the kind `validate` checks (int, number, bool) for every such field, subsections'
+        included, under the section `prefix`."""
+        kinds = {}
+        for name, kind in _field_types(cls).items():
+            if issubclass(kind, Settings):
+                kinds |= kind.kinds(f"{prefix}.{name}")
+            elif kind in _KIND_NAMES:
+                kinds[f"{prefix}.{name}"] = _KIND_NAMES[kind]
+        return kinds
+
+
+_KIND_NAMES = {bool: "bool", int: "int", float: "number"}
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, type]:
+    """field name -> the type its values are converted to: X for `X | None`, tuple for `tuple[...]`."""
+    types = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        if typing.get_origin(hint) is UnionType:
+            hint = next(option for option in typing.get_args(hint) if option is not type(None))
+        types[name] = typing.get_origin(hint) or hint
+    return types
+
+
+# The sections (and single keys) checked whatever set them (a conf/ file or an override), each with
+# the Settings dataclass its stage reads it through ("module:class", imported when validating: these
+# modules load without torch, as every stage validates before it starts). Every other key is checked
+# only when an override sets it: against the type of its conf/ value.
+CHECKED: dict[str, str | type] = {
+    "seed": int,
+    "data.demo": "artmaster.demo_scans:DemoSettings",
+    "data.ingest": "artmaster.ingest:IngestSettings",
+    # crop reads its section as written (no conversions): the values its window choice rests on
+    "crop.max_iou": float,
+    "crop.max_per_scan": int,
+    "crop.per_bucket_scale": int,
+    "crop.stride": float,
+    "crop.min_ink_fraction": float,
+    "train": "artmaster.training.settings:TrainSettings",
+    "augment.count": int,  # augment's module loads torch
+    "augment.rounds": int,
+    "tracking": "artmaster.tracking:TrackingSettings",
 }
+
+
+@functools.cache
+def checked_keys() -> dict[str, str]:
+    """key -> kind (int, number, bool) of every key CHECKED covers."""
+    keys = {}
+    for prefix, spec in CHECKED.items():
+        if isinstance(spec, type):
+            keys[prefix] = _KIND_NAMES[spec]
+        else:
+            module, _, name = spec.partition(":")
+            keys |= getattr(importlib.import_module(module), name).kinds(prefix)
+    return keys
+
+
 _KINDS = {"int": (int,), "number": (int, float), "bool": (bool,)}
 _WORDS = {"int": "an integer", "number": "a number", "bool": "true or false"}
 
@@ -246,15 +298,16 @@ def _split_overrides(overrides: Iterable[str]) -> tuple[list[str], list[str]]:
 
 def validate(cfg: DictConfig, overrides: Iterable[str] = ()) -> None:
     """ConfigError (one line naming the key and the expected type) when a value has the wrong
-    type: the keys of TYPED_KEYS always, and every key an override sets against the type of its
+    type: the keys CHECKED covers always, and every key an override sets against the type of its
     value in conf/ (`crop.max_iou=abc`, `train.optim.lr=fast`, `train.epochs=2.5`); then when a
     value is out of its range (RANGES: `train.optim.lr=0`, `train.batch_size=0`). Must run with
     Hydra initialised on conf/ when there are overrides (inside `compose` or a Hydra app)."""
-    for key, kind in TYPED_KEYS.items():
+    checked = checked_keys()
+    for key, kind in checked.items():
         if OmegaConf.select(cfg, key, default="__absent__", throw_on_missing=False) != "__absent__":
             _check(key, _select(cfg, key), kind, "")
     groups, keys = _split_overrides(overrides)
-    keys = [key for key in keys if key not in TYPED_KEYS]
+    keys = [key for key in keys if key not in checked]
     if keys:
         baseline = hydra_compose(config_name="config", overrides=groups)
         for key in keys:

@@ -1,6 +1,6 @@
 """The data contract between stages, in code: the rows of data/crop/crops.jsonl and
-data/caption/captions.jsonl, the train / held-out split, sizes FLUX accepts, and training
-examples (a crop joined with its caption).
+data/caption/captions.jsonl, the train / held-out split, sizes FLUX accepts (also the size a stage's
+`generation` section paints at), and training examples (a crop joined with its caption).
 
 A library module: the stages that write these rows (crop, caption) and those that read them
 (train, augment, retrain, evaluate) import it, never each other. docs/architecture.md lists the
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from artmaster.config import stage_dir
+from artmaster.config import Settings, stage_dir
 from artmaster.files import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,23 @@ def scaled_size(width: int, height: int, scale: float) -> tuple[int, int]:
             "both sides must be positive multiples of 16"
         )
     return size
+
+
+@dataclass(frozen=True)
+class GenerationSettings(Settings):
+    """A stage's `generation` section (augment's, evaluate's): the sampler and the image size."""
+
+    width: int
+    height: int
+    image_scale: float
+    steps: int
+    guidance: float
+    batch_size: int
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height) after `image_scale`, as train sees its crops."""
+        return scaled_size(self.width, self.height, self.image_scale)
 
 
 # --- examples: crops joined with their captions -------------------------------------------------

@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from PIL import ExifTags, Image
 from tqdm import tqdm
 
-from artmaster.config import hydra_entry, stage_dir
+from artmaster.config import Settings, hydra_entry, stage_dir
 from artmaster.files import staged_dir, thumbnail_sheet
 from artmaster.painter import scan, style_by_name
 from artmaster.tracking import log_summary, stage_run
@@ -48,10 +48,28 @@ class DemoScan:
     caption: str | None
 
 
-def plan(settings: DictConfig) -> list[DemoScan]:
+@dataclass(frozen=True)
+class DemoSettings(Settings):
+    painter: str
+    count: int
+    seed: int
+    min_long_side: int
+    max_long_side: int
+    aspect: tuple[float, float]
+    formats: tuple[str, ...]
+    jpeg_quality: int
+    compress_level: int
+    exif_orientation: int | None
+    subfolder: str
+    in_subfolder: int
+    captions: tuple[str, ...] | None
+    thumbnail_long_side: int
+
+
+def plan(settings: DemoSettings) -> list[DemoScan]:
     """What the stage will write, decided from the config alone (cheap; tests read it)."""
     style = style_by_name(settings.painter)
-    count = int(settings.count)
+    count = settings.count
     formats = list(settings.formats)
     unknown = sorted(set(formats) - set(SUFFIXES))
     if count < 1 or not formats or unknown:
@@ -70,7 +88,7 @@ def plan(settings: DictConfig) -> list[DemoScan]:
     if settings.exif_orientation is not None and settings.exif_orientation not in STORE_FOR_ORIENTATION:
         raise ValueError(f"data.demo.exif_orientation: must be 2..8 or null, got {settings.exif_orientation}")
 
-    rng = np.random.default_rng(int(settings.seed))
+    rng = np.random.default_rng(settings.seed)
     portraits = (
         min(max(round(count * style.portrait_share), 1), count - 1)
         if count > 1
@@ -79,7 +97,7 @@ def plan(settings: DictConfig) -> list[DemoScan]:
     portrait = np.arange(count) < portraits
     rng.shuffle(portrait)
     captions = list(settings.captions or [])
-    first_subfolder = count - int(settings.in_subfolder)
+    first_subfolder = count - settings.in_subfolder
     exif_pending = settings.exif_orientation is not None
     scans = []
     for index in range(count):
@@ -89,12 +107,12 @@ def plan(settings: DictConfig) -> list[DemoScan]:
         fmt = formats[index % len(formats)]
         exif = None
         if fmt == "jpeg" and exif_pending:
-            exif, exif_pending = int(settings.exif_orientation), False
+            exif, exif_pending = settings.exif_orientation, False
         name = f"{settings.painter}_{index + 1:02d}{SUFFIXES[fmt]}"
         path = PurePosixPath(settings.subfolder, name) if index >= first_subfolder else PurePosixPath(name)
         caption = captions[index] if index < len(captions) else None
         scans.append(
-            DemoScan(str(path), fmt, width, height, int(settings.seed) * 1000 + index, exif, caption)
+            DemoScan(str(path), fmt, width, height, settings.seed * 1000 + index, exif, caption)
         )
     return scans
 
@@ -147,9 +165,9 @@ def write_tiff16(path: Path, rgb: np.ndarray, compress_level: int, rows_per_stri
         out.write(ifd)
 
 
-def write_scan(image: Image.Image, path: Path, item: DemoScan, settings: DictConfig) -> None:
+def write_scan(image: Image.Image, path: Path, item: DemoScan, settings: DemoSettings) -> None:
     if item.fmt == "jpeg":
-        options = {"quality": int(settings.jpeg_quality)}
+        options = {"quality": settings.jpeg_quality}
         if item.exif_orientation is not None:
             image = image.transpose(STORE_FOR_ORIENTATION[item.exif_orientation])
             exif = Image.Exif()
@@ -157,14 +175,14 @@ def write_scan(image: Image.Image, path: Path, item: DemoScan, settings: DictCon
             options["exif"] = exif.tobytes()
         image.save(path, "JPEG", **options)
     elif item.fmt == "png":
-        image.save(path, "PNG", compress_level=int(settings.compress_level))
+        image.save(path, "PNG", compress_level=settings.compress_level)
     else:
-        write_tiff16(path, np.asarray(image, dtype=np.uint16) * 257, int(settings.compress_level))
+        write_tiff16(path, np.asarray(image, dtype=np.uint16) * 257, settings.compress_level)
 
 
 def run(cfg: DictConfig) -> dict:
     """Paint the demo scans into data/demo_scans (replacing the folder whole)."""
-    settings = cfg.data.demo
+    settings = DemoSettings.from_config(cfg.data.demo)
     style = style_by_name(settings.painter)
     items = plan(settings)
     out_dir = stage_dir(cfg, "demo_scans")
@@ -185,7 +203,7 @@ def run(cfg: DictConfig) -> dict:
                              "sidecar_captions": sum(item.caption is not None for item in items)},
                     note=f"Painted {len(items)} scans of the demo painter `{style.name}` into `{out_dir}`.")
         tracker.log_image(
-            thumbnail_sheet(thumbs, int(settings.thumbnail_long_side)),
+            thumbnail_sheet(thumbs, settings.thumbnail_long_side),
             artifact_file="pictures/demo_scans.png",
         )
     print(f"demo_scans: wrote {len(items)} scans of style {style.name} to {out_dir}")

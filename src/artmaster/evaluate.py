@@ -46,7 +46,7 @@ from scipy.spatial.distance import pdist
 from artmaster import replicates, runtime
 from artmaster.adherence import NOT_AVAILABLE, ClipScorer
 from artmaster.config import hydra_entry, stage_dir
-from artmaster.dataset import HELDOUT, TRAIN, scaled_size, split_rows
+from artmaster.dataset import HELDOUT, TRAIN, GenerationSettings, scaled_size, split_rows
 from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
@@ -168,11 +168,6 @@ def sample_plan(settings: DictConfig) -> Plan:
     return [(index, prompt, seed) for index, prompt in enumerate(prompts) for seed in seeds]
 
 
-def generation_size(settings: DictConfig) -> tuple[int, int]:
-    gen = settings.generation
-    return scaled_size(int(gen.width), int(gen.height), float(gen.image_scale))
-
-
 def load_crops(crop_dir: Path, rows: list[dict], image_scale: float) -> tuple[list[str], list[Image.Image]]:
     """Crop images resized by `image_scale` (as train feeds them), with their crop ids."""
     names, images = [], []
@@ -207,9 +202,8 @@ def paint_rows(cfg: DictConfig, specs: list[ModelSpec], plan: Plan, processes: P
     and the VAE roundtrip of `roundtrip`."""
     from artmaster.models import load_pipeline
 
-    settings = cfg.evaluate
-    width, height = generation_size(settings)
-    gen = settings.generation
+    gen = GenerationSettings.from_config(cfg.evaluate.generation)
+    width, height = gen.size
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
     decoded = vae_roundtrip(pipe.vae, list(roundtrip)) if roundtrip else []
@@ -222,8 +216,8 @@ def paint_rows(cfg: DictConfig, specs: list[ModelSpec], plan: Plan, processes: P
             with adapter_applied(pipe, adapter, fold=bool(cfg.model.get("fuse_lora", False))):
                 painted = generate_images(
                     pipe, [spec.prompt(content) for _, content, _ in share], [seed for _, _, seed in share],
-                    height=height, width=width, steps=int(gen.steps), guidance=float(gen.guidance),
-                    max_sequence_length=int(cfg.model.max_sequence_length), batch_size=int(gen.batch_size),
+                    height=height, width=width, steps=gen.steps, guidance=gen.guidance,
+                    max_sequence_length=int(cfg.model.max_sequence_length), batch_size=gen.batch_size,
                 )
             images.append(processes.gather(painted))
         rows.append(Row(spec.name, spec.prompt("<prompt>"), spec.adapter is not None, images,
@@ -423,7 +417,7 @@ def run(cfg: DictConfig) -> dict:
                          "judge and the intervals need at least 2: set data.holdout.scans >= 2")
     if len(train_rows) < 2:
         raise ValueError(f"evaluate: {crop_dir / 'crops.jsonl'} has fewer than 2 training crops")
-    image_scale = float(settings.generation.image_scale)
+    image_scale = GenerationSettings.from_config(settings.generation).image_scale
     out_dir = stage_dir(cfg, "evaluate")
     started = time.perf_counter()
 
@@ -497,6 +491,7 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
                                                              float(s.confidence), int(s.seed)).as_dict()}
                         for name, values in references.items()}
     roundtrip_score = reference_scores.get("training_crops_through_the_vae", {}).get("style_score")
+    gen = GenerationSettings.from_config(settings.generation)
     return {
         "compare_to": str(settings.compare_to),
         "pairs": [[str(a), str(b)] for a, b in settings.pairs],
@@ -504,8 +499,7 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
         "alpha": float(settings.alpha),
         "plan": {"prompts": [str(p) for p in settings.prompts], "seeds": [int(x) for x in settings.seeds],
                  "replicates": int(cfg.replicates.count)},
-        "generation": {"size": "x".join(map(str, generation_size(settings))), "steps": int(settings.generation.steps),
-                       "guidance": float(settings.generation.guidance)},
+        "generation": {"size": "x".join(map(str, gen.size)), "steps": gen.steps, "guidance": gen.guidance},
         "reference": {"heldout_scans": sorted(set(scans)), "heldout_crops": len(scans),
                       "train_crops": len(train_crops[0]), "typical_distance": style.typical_distance,
                       "judge_p_painter_heldout": float(painter_judge.mean())},

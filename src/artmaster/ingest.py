@@ -34,6 +34,7 @@ import warnings
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +42,7 @@ from omegaconf import DictConfig
 from PIL import ExifTags, Image, ImageCms, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
-from artmaster.config import ConfigError, hydra_entry, stage_dir
+from artmaster.config import ConfigError, Settings, hydra_entry, stage_dir
 from artmaster.files import staged_dir, thumbnail_sheet, write_jsonl
 from artmaster.tracking import log_summary, stage_run
 
@@ -118,11 +119,28 @@ def _stat_size(path: Path) -> int:
     return info.st_size
 
 
-def _long_side_scale(width: int, height: int, settings: DictConfig) -> float:
+@dataclass(frozen=True)
+class IngestSettings(Settings):
+    min_side: int
+    max_aspect: float
+    max_image_pixels: int
+    max_decoded_mb: float
+    max_long_side: int
+    phash_max_distance: int
+    alpha_background: tuple[int, int, int]
+    rendering_intent: str
+    sidecar_suffix: str
+    sidecar_max_bytes: int
+    follow_links_outside: bool
+    png_compress_level: int
+    thumbnail_long_side: int
+
+
+def _long_side_scale(width: int, height: int, settings: IngestSettings) -> float:
     """Downscale factor (<= 1) of a scan: to `max_long_side` on its long side, except that an
     elongated scan (a handscroll, more than 2:1) keeps a short side of `max_long_side / 2`, so its
     crops get the resolution a hanging scroll's get instead of being rejected as too small."""
-    limit = float(settings.max_long_side)
+    limit = settings.max_long_side
     return min(1.0, max(limit / max(width, height), limit / 2 / min(width, height)))
 
 
@@ -156,19 +174,19 @@ def decoded_bytes(mode: str, size: tuple[int, int]) -> int:
     return size[0] * size[1] * per_pixel
 
 
-def _check_decoded_size(image: Image.Image, settings: DictConfig) -> None:
+def _check_decoded_size(image: Image.Image, settings: IngestSettings) -> None:
     """Refuse, before decoding, a scan whose pixels would take more than `max_decoded_mb`: the
     pixel guard alone ignores bit depth, and a scan's peak memory is a small multiple of this."""
     size = decoded_bytes(image.mode, image.size)
-    if size > float(settings.max_decoded_mb) * 1e6:
+    if size > settings.max_decoded_mb * 1e6:
         raise ScanRejected(
             "too_large",
             f"refused without decoding: {image.width}x{image.height} {image.mode} takes {size / 1e6:.0f} MB decoded, "
-            f"over data.ingest.max_decoded_mb={settings.max_decoded_mb}",
+            f"over data.ingest.max_decoded_mb={settings.max_decoded_mb:g}",
         )
 
 
-def _open(path: Path, settings: DictConfig, row: dict) -> Image.Image:
+def _open(path: Path, settings: IngestSettings, row: dict) -> Image.Image:
     """Open and fully decode one file (reduced for big JPEGs) noting its format, mode and declared
     size in the manifest row; ScanRejected if it cannot be. Of an animated or multi-page file
     (GIF, APNG, WebP, TIFF) the first frame is the scan, noted in the row's steps."""
@@ -246,14 +264,14 @@ def _to_eight_bit(image: Image.Image, steps: list[str]) -> Image.Image:
     return converted
 
 
-def _colour_manage(image: Image.Image, settings: DictConfig, steps: list[str]) -> Image.Image:
+def _colour_manage(image: Image.Image, settings: IngestSettings, steps: list[str]) -> Image.Image:
     """Embedded ICC profile -> sRGB (alpha kept aside); a broken profile is noted and ignored."""
     icc = image.info.get("icc_profile")
     if not icc or image.mode not in {"RGB", "RGBA", "CMYK", "L"}:
         return image
     try:
         source = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        intent = ImageCms.Intent[str(settings.rendering_intent).upper()]
+        intent = ImageCms.Intent[settings.rendering_intent.upper()]
         alpha = image.getchannel("A") if image.mode == "RGBA" else None
         colour = image.convert("RGB") if alpha is not None else image
         converted = ImageCms.profileToProfile(colour, source, SRGB, renderingIntent=intent, outputMode="RGB")
@@ -266,7 +284,7 @@ def _colour_manage(image: Image.Image, settings: DictConfig, steps: list[str]) -
     return converted
 
 
-def normalise(image: Image.Image, settings: DictConfig, steps: list[str]) -> Image.Image:
+def normalise(image: Image.Image, settings: IngestSettings, steps: list[str]) -> Image.Image:
     """Any decoded image -> 8-bit sRGB RGB, upright, at most `max_long_side` px on its long side."""
     orientation = image.getexif().get(ExifTags.Base.Orientation)
     if orientation in range(2, 9):
@@ -285,7 +303,7 @@ def normalise(image: Image.Image, settings: DictConfig, steps: list[str]) -> Ima
     if image.mode == "RGBA":
         background = Image.new("RGB", image.size, tuple(int(v) for v in settings.alpha_background))
         background.paste(image, mask=image)  # its alpha band: no separate copy of it
-        steps.append(f"alpha composited onto {tuple(settings.alpha_background)}")
+        steps.append(f"alpha composited onto {settings.alpha_background}")
         image = background
     elif image.mode not in {"RGB", "L"}:
         steps.append(f"{image.mode} -> RGB")
@@ -439,7 +457,7 @@ def list_scans(root: Path, sidecar_suffix: str, follow_outside: bool = False) ->
     return pairs, refused
 
 
-def _check_shape(width: int, height: int, settings: DictConfig) -> None:
+def _check_shape(width: int, height: int, settings: IngestSettings) -> None:
     aspect = max(width, height) / min(width, height)
     if aspect > settings.max_aspect:
         raise ScanRejected(
@@ -488,14 +506,14 @@ class Deduplicator:
 
 
 def ingest_file(
-    path: Path, source: str, sidecar: Path | None, settings: DictConfig, seen: Deduplicator, images_dir: Path,
+    path: Path, source: str, sidecar: Path | None, settings: IngestSettings, seen: Deduplicator, images_dir: Path,
     root: Path,
 ) -> tuple[dict, Image.Image | None]:
     """One manifest row for one file under `root`, and the normalised scan when it is accepted
     (written to images_dir/<id>.png). Never raises for a bad file: the row says what is wrong with it."""
     row = _empty_row(source)
     real_root = os.path.realpath(root)
-    follow_outside = bool(settings.follow_links_outside)
+    follow_outside = settings.follow_links_outside
     try:
         if not follow_outside and not _inside(path, real_root) and path.exists():
             raise _outside_link(path, "the file")
@@ -519,12 +537,12 @@ def ingest_file(
         return row, None
     seen.keep(digest, phash, source)
     row.update(id=digest[:16], status="accepted")  # only accepted rows get an id: ids are unique
-    image.save(images_dir / f"{row['id']}.png", "PNG", compress_level=int(settings.png_compress_level))
+    image.save(images_dir / f"{row['id']}.png", "PNG", compress_level=settings.png_compress_level)
     if sidecar is not None:
         try:
             if not follow_outside and not _inside(sidecar, real_root):
                 raise _outside_link(sidecar, f"sidecar {printable(sidecar.name)}")
-            row["sidecar_text"] = read_sidecar(sidecar, int(settings.sidecar_max_bytes), row["steps"])
+            row["sidecar_text"] = read_sidecar(sidecar, settings.sidecar_max_bytes, row["steps"])
         except ScanRejected as rejected:
             row["sidecar_error"] = rejected.message
     return row, image
@@ -553,19 +571,19 @@ def summarise(root: Path, rows: list[dict]) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Ingest every file under data.scans_dir into data/ingest."""
-    settings = cfg.data.ingest
+    settings = IngestSettings.from_config(cfg.data.ingest)
     root = Path(cfg.data.scans_dir)
     if root.exists() and not root.is_dir():
         raise ScansFolderMissing(f"ingest: scans folder {root} is a file, not a folder (set data.scans_dir)")
     if not root.is_dir():
         raise ScansFolderMissing(f"ingest: scans folder {root} does not exist (set data.scans_dir)")
-    pairs, refused = list_scans(root, settings.sidecar_suffix, bool(settings.follow_links_outside))
+    pairs, refused = list_scans(root, settings.sidecar_suffix, settings.follow_links_outside)
     if not pairs and not refused:
         raise ConfigError(f"ingest: scans folder {root} holds no files (set data.scans_dir)")
 
     with stage_run(cfg, "ingest", sections=("data",)) as tracker, staged_dir(stage_dir(cfg, "ingest")) as staging:
         (staging / "images").mkdir()
-        seen = Deduplicator(int(settings.phash_max_distance))
+        seen = Deduplicator(settings.phash_max_distance)
         rows, thumbs = [_refused_row(root, path, reason) for path, reason in refused], []
         with decompression_guard(settings.max_image_pixels):
             for path, sidecar in tqdm(pairs, desc="ingest", unit="file"):
@@ -590,7 +608,7 @@ def run(cfg: DictConfig) -> dict:
         counts = {key: summary[key] for key in ("read", "accepted", "rejected", "duplicates")}
         log_summary(counts, details={f"rejected: {code}": n for code, n in summary["reasons"].items()},
                     note=summary["line"])
-        sheet = thumbnail_sheet(thumbs, int(settings.thumbnail_long_side))
+        sheet = thumbnail_sheet(thumbs, settings.thumbnail_long_side)
         tracker.log_image(sheet, artifact_file="pictures/ingest_accepted.png")
         tracker.log_artifact(staging / "manifest.jsonl")
         tracker.log_artifact(staging / "summary.json")

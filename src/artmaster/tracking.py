@@ -17,11 +17,12 @@ import subprocess
 import sys
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from artmaster.config import ConfigError, params_hash, project_root, store_root
+from artmaster.config import ConfigError, Settings, params_hash, project_root, store_root
 
 # The pipeline runs offline: MLflow sends no usage telemetry unless MLFLOW_DISABLE_TELEMETRY=false.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -308,14 +309,22 @@ def check_store(uri: str, timeout: float) -> None:
             raise _unavailable(uri, f"SQLite file {path} is {hint} ({error})") from None
 
 
+@dataclass(frozen=True)
+class TrackingSettings(Settings):
+    enabled: bool = True
+    timeout_s: float | None = None  # null: 10 s
+    retries: int = 2
+
+
 def connect(cfg: DictConfig) -> str:
     """Point MLflow at the configured store once it is checked (`check_store`), with every HTTP
     request bounded by `tracking.timeout_s` and `tracking.retries`; returns its URI."""
     import mlflow
 
     uri = tracking_uri(cfg)
-    timeout = float(cfg.tracking.get("timeout_s") or 10)
-    bound_http_requests(timeout, int(cfg.tracking.get("retries", 2)))
+    settings = TrackingSettings.from_config(cfg.tracking)
+    timeout = settings.timeout_s or 10.0
+    bound_http_requests(timeout, settings.retries)
     check_store(uri, timeout)
     mlflow.set_tracking_uri(uri)
     return uri
@@ -440,7 +449,7 @@ def stage_run(cfg: DictConfig, stage: str, sections: tuple[str, ...], label: str
     if not main:
         yield NO_TRACKING
         return
-    if not cfg.tracking.get("enabled", True):
+    if not TrackingSettings.from_config(cfg.tracking).enabled:
         print(f"{stage}: tracking.enabled=false: this run is not recorded in MLflow", file=sys.stderr)
         with _activated(NO_TRACKING) as tracker:
             yield tracker

@@ -26,6 +26,7 @@ from artmaster.training.checkpoints import (checkpoint_name, find_resume_checkpo
                                             rng_states, run_fingerprint, save_checkpoint)
 from artmaster.training.encodings import build_cache, free_encoders, prune_cache
 from artmaster.training.export import export_outputs
+from artmaster.training.settings import TrainSettings
 from artmaster.training.state import AdapterEMA, TrainingState, build_training_state
 from artmaster.training.step import NonFiniteWatch, active_rank, training_step
 from artmaster.training.validation import ValidationSet, render_samples, sample_grid, validation_loss, validation_set
@@ -119,7 +120,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     """The training loop, writing everything into `out`; `setup` (retrain) changes its data,
     starting adapter and base model, the defaults are the train stage's."""
     setup = setup or TrainSetup()
-    settings = cfg.train
+    settings = TrainSettings.from_config(cfg.train)
     is_main = accelerator.is_main_process
     device = accelerator.device
     out.mkdir(parents=True, exist_ok=True)
@@ -137,7 +138,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     fingerprint = run_fingerprint(cfg, data.sample_files, accelerator.num_processes, setup.identity(), plan.identity())
     checkpoints = out / "checkpoints"
     start_step, history, last_checkpoint = resume(cfg, accelerator, state, checkpoints, fingerprint, plan.total_step)
-    vset = validation_set(data.encodings, sorted(plan.held), list(settings.validation.sigmas), int(cfg.seed),
+    vset = validation_set(data.encodings, sorted(plan.held), list(cfg.train.validation.sigmas), cfg.seed,
                           state.flow, device)
     if is_main:
         _log_plan(data, plan, setup, start_step)
@@ -160,7 +161,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         watch.observe(step, out_step)
         window.append(out_step)
         last = step == plan.total_step
-        if step % int(settings.log_every) == 0 or last:
+        if step % settings.log_every == 0 or last:
             watch.check(accelerator, last_checkpoint)
             row = _log_row(state, window, step)
             steps_per_second = rate.window(len(window))
@@ -180,7 +181,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
             rng_by_rank = _gather(accelerator, rng_states())
             if is_main:
                 last_checkpoint = save_checkpoint(checkpoints, state, step, step * plan.accumulation, fingerprint,
-                                                  history, rng_by_rank, int(settings.checkpoint.keep))
+                                                  history, rng_by_rank, settings.checkpoint.keep)
     loop_seconds = time.perf_counter() - loop_start
 
     # 5. every rank must hold the same adapter (DDP + allocator masks agree); export
@@ -248,8 +249,8 @@ def encode_data(cfg: DictConfig, accelerator, setup: TrainSetup, out: Path) -> T
 def batch_plan(cfg: DictConfig, accelerator, data: TrainingData, setup: TrainSetup) -> BatchPlan:
     """Hold out validation crops, bucket the trained crops and the extra examples by size, and cut
     every epoch into this process's micro-batches."""
-    settings = cfg.train
-    held = held_out_ids([e.sample_id for e in data.examples], settings.validation, cfg.seed)
+    settings = TrainSettings.from_config(cfg.train)
+    held = held_out_ids([e.sample_id for e in data.examples], cfg.train.validation, cfg.seed)
     trained = [e for e in data.examples
                if setup.train_crops and not (settings.validation.hold_out and e.sample_id in held)]
     if not trained and not data.extra:
@@ -259,21 +260,21 @@ def batch_plan(cfg: DictConfig, accelerator, data: TrainingData, setup: TrainSet
         ids_by_size[example.size].append(example.sample_id)
     for example in data.extra:
         ids_by_size[example.size] += [example.sample_id] * int(setup.extra_repeats)
-    accumulation = int(settings.gradient_accumulation)
-    micro_batches = process_batches(ids_by_size, epochs=int(settings.epochs), repeats=int(settings.repeats),
-                                    batch_size=int(settings.batch_size), world_size=accelerator.num_processes,
-                                    process_index=accelerator.process_index, seed=int(cfg.seed))
+    accumulation = settings.gradient_accumulation
+    micro_batches = process_batches(ids_by_size, epochs=settings.epochs, repeats=settings.repeats,
+                                    batch_size=settings.batch_size, world_size=accelerator.num_processes,
+                                    process_index=accelerator.process_index, seed=cfg.seed)
     return BatchPlan(held, trained, ids_by_size, micro_batches, accumulation,
                      optimizer_steps(len(micro_batches), accumulation))
 
 
-def _continue_adapter(state: TrainingState, folder: Path, settings: DictConfig, is_main: bool) -> None:
+def _continue_adapter(state: TrainingState, folder: Path, settings: TrainSettings, is_main: bool) -> None:
     """Start from a saved AdaLoRA adapter (retrain's continue mode) instead of a fresh one."""
     from artmaster.adalora import load_adalora_weights_
 
     ranks = load_adalora_weights_(state.adapter, folder)
     if state.ema is not None:  # the average starts from the adapter continued
-        state.ema = AdapterEMA(state.named_params, float(settings.ema.decay))
+        state.ema = AdapterEMA(state.named_params, settings.ema.decay)
     if is_main:
         # the model starts exactly at the saved adapter (masked triplets at zero); the schedule then
         # runs again, so its warm-up may revive them (up to init_r per module) before the budget
@@ -332,7 +333,7 @@ class SteadyRate:
 
 def _due(step: int, every, last: bool) -> bool:
     """Periodic work every `every` steps and at the end; `every` 0/null means only at the end."""
-    return last or bool(every) and step % int(every) == 0
+    return last or bool(every) and step % every == 0
 
 
 def _gather(accelerator, value) -> list:

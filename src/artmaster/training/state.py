@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from omegaconf import DictConfig
 
+from artmaster.training.settings import TrainSettings
 
 
 @dataclass(frozen=True)
@@ -113,12 +114,13 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
     from artmaster.adalora import FastRankAllocator, set_input_casting, wrap_with_adalora
     from artmaster.models import enable_checkpointing
 
-    settings = cfg.train
+    section = cfg.train
+    settings = TrainSettings.from_config(section)
     transformer.requires_grad_(False)
     if settings.gradient_checkpointing:  # non-reentrant: AdaLoRA needs every grad
-        enable_checkpointing(transformer, float(settings.get("gradient_checkpointing_fraction", 1.0)))
-    set_seed(int(cfg.seed))  # the adapter's initial values come from the global RNG
-    adapter = wrap_with_adalora(transformer, settings.adalora, total_step)
+        enable_checkpointing(transformer, settings.gradient_checkpointing_fraction)
+    set_seed(cfg.seed)  # the adapter's initial values come from the global RNG
+    adapter = wrap_with_adalora(transformer, section.adalora, total_step)
     named_params = [(name, param) for name, param in adapter.named_parameters() if param.requires_grad]
     for _, param in named_params:
         param.data = param.data.float()  # bf16 base weights, fp32 adapter and optimizer state
@@ -126,28 +128,27 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
         set_input_casting(adapter, False)  # autocast casts to bf16 anyway: skip peft's fp32 input copies
     optim = settings.optim
     on_cuda = all(param.is_cuda for _, param in named_params)
-    lora_branch.configure(adapter, settings.get("lora_branch"), on_cuda)
+    lora_branch.configure(adapter, section.get("lora_branch"), on_cuda)
     compiled, cudagraphs = compile_for_training(cfg, transformer, on_cuda)
-    fused = on_cuda if optim.fused == "auto" else bool(optim.fused)
+    fused = on_cuda if section.optim.fused == "auto" else bool(section.optim.fused)
     optimizer = torch.optim.AdamW(
-        [param for _, param in named_params], lr=float(optim.lr), betas=tuple(optim.betas),
-        weight_decay=float(optim.weight_decay), eps=float(optim.eps), fused=fused,
+        [param for _, param in named_params], lr=optim.lr, betas=tuple(section.optim.betas),
+        weight_decay=optim.weight_decay, eps=optim.eps, fused=fused,
     )
     scheduler = get_scheduler(
-        settings.lr_schedule.name, optimizer,
-        num_warmup_steps=round(float(settings.lr_schedule.warmup_fraction) * total_step),
+        section.lr_schedule.name, optimizer,
+        num_warmup_steps=round(settings.lr_schedule.warmup_fraction * total_step),
         num_training_steps=total_step,
     )
     allocator = FastRankAllocator(adapter)
     model = accelerator.prepare(adapter)
-    ema = AdapterEMA(named_params, float(settings.ema.decay)) if settings.ema.enabled else None
-    max_norm = settings.optim.max_grad_norm
+    ema = AdapterEMA(named_params, settings.ema.decay) if settings.ema.enabled else None
     return TrainingState(
         accelerator=accelerator, model=model, adapter=adapter, named_params=named_params,
         optimizer=optimizer, scheduler=scheduler, allocator=allocator,
         flow=flow_settings(cfg, transformer, vae_config, inputs_require_grad=compiled),
-        max_grad_norm=float(max_norm) if max_norm else math.inf, ema=ema,
-        direct_orthogonal=_direct_orthogonal(settings.adalora.get("orth_gradient", "autograd"), on_cuda),
+        max_grad_norm=optim.max_grad_norm or math.inf, ema=ema,
+        direct_orthogonal=_direct_orthogonal(section.adalora.get("orth_gradient", "autograd"), on_cuda),
         cudagraphs=cudagraphs, compiled=compiled,
     )
 
