@@ -24,6 +24,7 @@ from artmaster.training.batches import optimizer_steps, process_batches
 from artmaster.training.checkpoints import list_checkpoints
 from artmaster.training.encodings import build_cache, encode_image, free_encoders, load_pixels
 from artmaster.training.step import flow_matching_loss
+from artmaster.training.settings import SampleSettings
 from artmaster.training.validation import render_samples
 
 # --- pure helpers -------------------------------------------------------------------------------
@@ -120,8 +121,9 @@ def test_cache_is_keyed_by_sample_id_and_content_and_reused(train_assets, tmp_pa
 def test_samples_are_what_generate_paints_from_cached_embeddings_with_the_encoders_freed(make_cfg):
     cfg = make_cfg()
     pipe = models.build_random_pipeline(cfg.model)
-    settings = OmegaConf.create({"prompts": ["misty gorge", "a cat"], "seeds": [3, 4], "batch_size": 3,
-                                 "width": 64, "height": 64, "steps": 2, "guidance": 1.0})
+    settings = SampleSettings.from_config(OmegaConf.create(
+        {"enabled": True, "every": None, "prompts": ["misty gorge", "a cat"], "seeds": [3, 4], "batch_size": 3,
+         "width": 64, "height": 64, "steps": 2, "guidance": 1}))
     painted = generate_images(pipe, ["misty gorge"] * 2 + ["a cat"] * 2, [3, 4, 3, 4], height=64, width=64,
                               steps=2, guidance=1.0, max_sequence_length=16, batch_size=1)
     encodings = {}

@@ -26,7 +26,7 @@ from artmaster.training.checkpoints import (checkpoint_name, find_resume_checkpo
                                             rng_states, run_fingerprint, save_checkpoint)
 from artmaster.training.encodings import build_cache, free_encoders, prune_cache
 from artmaster.training.export import export_outputs
-from artmaster.training.settings import TrainSettings
+from artmaster.training.settings import SampleSettings, TrainSettings
 from artmaster.training.state import AdapterEMA, TrainingState, build_training_state
 from artmaster.training.step import NonFiniteWatch, active_rank, training_step
 from artmaster.training.validation import ValidationSet, render_samples, sample_grid, validation_loss, validation_set
@@ -92,6 +92,7 @@ class TrainingData:
     extra: list[Example]
     encodings: dict[str, dict[str, torch.Tensor]]
     prompt_encodings: dict[str, dict[str, torch.Tensor]]
+    max_sequence_length: int  # of the text encodings
     sample_files: dict[str, str]  # sample id -> cache file name (its content hash)
 
 
@@ -149,7 +150,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     evaluation_seconds, loop_start = 0.0, time.perf_counter()
     samples_dir = out / "samples"
     if is_main and start_step == 0:
-        evaluation_seconds += _evaluate(cfg, state, data, vset, 0, samples_dir, history)
+        evaluation_seconds += _evaluate(settings.samples, state, data, vset, 0, samples_dir, history)
     progress = tqdm(range(start_step + 1, plan.total_step + 1), desc="train", unit="step", disable=not is_main,
                     initial=start_step, total=plan.total_step)
     rate = SteadyRate()
@@ -173,7 +174,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
                                      steps_per_s=f"{steps_per_second:.2f}")
         validate, sample = _due(step, settings.validation.every, last), _due(step, settings.samples.every, last)
         if is_main and (validate or sample):
-            seconds = _evaluate(cfg, state, data, vset, step, samples_dir, history, validate=validate, sample=sample)
+            seconds = _evaluate(settings.samples, state, data, vset, step, samples_dir, history,
+                                validate=validate, sample=sample)
             evaluation_seconds += seconds
             rate.exclude(seconds)
         if _due(step, settings.checkpoint.every, last):
@@ -242,6 +244,7 @@ def encode_data(cfg: DictConfig, accelerator, setup: TrainSetup, out: Path) -> T
         extra=[e for e in encoded.examples if e.sample_id in extra_ids],
         encodings=on_device(encoded.samples, accelerator.device, pipe.transformer.dtype),
         prompt_encodings=encoded.prompts,
+        max_sequence_length=int(cfg.model.max_sequence_length),
         sample_files=encoded.sample_files,
     )
 
@@ -363,8 +366,8 @@ def _log_row(state: TrainingState, window: list[dict[str, torch.Tensor]], step: 
     return row
 
 
-def _evaluate(cfg, state: TrainingState, data: TrainingData, vset: ValidationSet, step: int, samples_dir: Path,
-              history: list[dict], validate: bool = True, sample: bool = True) -> float:
+def _evaluate(samples: SampleSettings, state: TrainingState, data: TrainingData, vset: ValidationSet, step: int,
+              samples_dir: Path, history: list[dict], validate: bool = True, sample: bool = True) -> float:
     """Validation loss and sample images at `step` (main process only); returns seconds spent."""
     tracker = active()
     started = time.perf_counter()
@@ -378,17 +381,16 @@ def _evaluate(cfg, state: TrainingState, data: TrainingData, vset: ValidationSet
             value = float(validation_loss(state.adapter, vset, state.flow))
             tracker.log_metric(METRIC_NAMES["val_loss"], value, step=step)
             history.append({"step": step, "val_loss": value})
-        if sample and cfg.train.samples.enabled and cfg.train.samples.prompts:
-            samples = render_samples(data.pipe, data.prompt_encodings, cfg.train.samples,
-                                     int(cfg.model.max_sequence_length), state.accelerator.device)
-            prompts = list(cfg.train.samples.prompts)
-            for prompt, seed, image in samples:  # one slider per prompt and seed, the step on the slider
+        if sample and samples.enabled and samples.prompts:
+            images = render_samples(data.pipe, data.prompt_encodings, samples, data.max_sequence_length,
+                                    state.accelerator.device)
+            for prompt, seed, image in images:  # one slider per prompt and seed, the step on the slider
                 tracker.log_image(captioned(image, f"seed {seed}: {prompt}"),
-                                  key=f"prompt {prompts.index(prompt)} seed {seed}", step=step)
+                                  key=f"prompt {samples.prompts.index(prompt)} seed {seed}", step=step)
             samples_dir.mkdir(parents=True, exist_ok=True)
             grid_path = samples_dir / f"{checkpoint_name(step)}.png"
             buffer = io.BytesIO()
-            sample_grid(samples, step).save(buffer, format="PNG")
+            sample_grid(images, step).save(buffer, format="PNG")
             write_atomic(grid_path, buffer.getvalue())
             tracker.log_artifact(grid_path, artifact_path="samples")
     return time.perf_counter() - started

@@ -47,8 +47,13 @@ class AdaLoraSettings(Settings):
 class SampleSettings(Settings):
     enabled: bool
     every: int | None
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    batch_size: int
     width: int
     height: int
+    steps: int
+    guidance: float
 
 
 @dataclass(frozen=True)

@@ -8,13 +8,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from PIL import Image
 
 from artmaster import flux_math
 from artmaster.files import labelled_grid
 from artmaster.generate import generate_images
 from artmaster.training.batches import Batch, keyed_generator, make_batch
+from artmaster.training.settings import SampleSettings
 from artmaster.training.state import FlowSettings
 
 
@@ -58,7 +58,7 @@ def validation_loss(model, vset: ValidationSet, flow: FlowSettings) -> torch.Ten
     return torch.stack(losses).mean()
 
 
-def render_samples(pipe, prompt_encodings, settings: DictConfig, max_sequence_length: int,
+def render_samples(pipe, prompt_encodings, settings: SampleSettings, max_sequence_length: int,
                    device) -> list[tuple[str, int, Image.Image]]:
     """One image per (prompt, seed) at fixed settings, from the cached prompt embeddings, painted
     the way `artmaster generate` paints (the same starting noise for a seed), `settings.batch_size`
@@ -67,12 +67,11 @@ def render_samples(pipe, prompt_encodings, settings: DictConfig, max_sequence_le
     cache = {(prompt, max_sequence_length): (entry["prompt_embeds"][None].to(device, dtype),
                                               entry["pooled_prompt_embeds"][None].to(device, dtype))
              for prompt, entry in prompt_encodings.items()}
-    pairs = [(prompt, int(seed)) for prompt in settings.prompts for seed in settings.seeds]
+    pairs = [(prompt, seed) for prompt in settings.prompts for seed in settings.seeds]
     images = generate_images(
         pipe, [prompt for prompt, _ in pairs], [seed for _, seed in pairs],
-        height=int(settings.height), width=int(settings.width), steps=int(settings.steps),
-        guidance=float(settings.guidance), max_sequence_length=max_sequence_length,
-        batch_size=int(settings.batch_size), embedding_cache=cache,
+        height=settings.height, width=settings.width, steps=settings.steps, guidance=settings.guidance,
+        max_sequence_length=max_sequence_length, batch_size=settings.batch_size, embedding_cache=cache,
     )
     return [(prompt, seed, image) for (prompt, seed), image in zip(pairs, images)]
 
