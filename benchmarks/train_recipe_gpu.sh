@@ -58,7 +58,7 @@ print({k: m[k] for k in ('steps', 'steps_per_second', 'steady_steps_per_second',
 
 watch() {
   [ -f "$WORK/started" ] || { echo "nothing started in $WORK"; exit 1; }
-  while [ ! -f "$WORK/ended" ] && [ $(( $(date +%s) - BEGIN )) -lt "$LIMIT" ]; do
+  while [ ! -f "$WORK/ended" ] && [ $(( $(date +%s) - BEGIN + 20 )) -le "$LIMIT" ]; do  # ends within LIMIT
     sleep 20
     echo "$(( $(date +%s) - $(cat "$WORK/started") )) s: $(progress)"
   done
