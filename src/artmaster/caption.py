@@ -29,7 +29,7 @@ from artmaster.config import ConfigError, hydra_entry, project_root, stage_dir
 from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.caption_words import describe
 from artmaster.tracking import Tracker, log_summary, stage_run
-from artmaster.vlm import load_image_text_model
+from artmaster.vlm import VlmSettings, load_image_text_model
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class VLMCaptioner:
 
     def __init__(self, settings: DictConfig):
         self.processor, self.model, self.device = load_image_text_model(
-            settings.vlm, "caption.vlm", "an image-text-to-text model (e.g. Qwen2-VL-2B-Instruct)"
+            VlmSettings.from_config(settings.vlm), "caption.vlm", "an image-text-to-text model (e.g. Qwen2-VL-2B-Instruct)"
         )
         self.settings = settings
 
