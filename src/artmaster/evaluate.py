@@ -73,9 +73,8 @@ class MemorisationSettings(Settings):
 
 @dataclass(frozen=True)
 class EvaluateSettings(Settings):
-    """The `evaluate` section (its `judge` is read by JudgeSettings, the statistics are the style
-    metric's ModelSettings). `models`, `colour_matched` and `pairs` are lists of entries as written,
-    read and checked by `model_specs`."""
+    """The `evaluate` section (its statistics are the style metric's ModelSettings). `models`,
+    `colour_matched` and `pairs` are lists of entries as written, read and checked by `model_specs`."""
 
     prompts: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -88,6 +87,7 @@ class EvaluateSettings(Settings):
     memorisation: MemorisationSettings
     report: ReportSettings
     adherence: AdherenceSettings
+    judge: JudgeSettings
     colour_matched: tuple | None = ()
 
     @property
@@ -491,8 +491,7 @@ def measure_all(cfg: DictConfig, settings: EvaluateSettings, rows: list[Row], pl
     clip, adherence_backend = ClipScorer.load(settings.adherence)
     for row in rows:
         measure(row, extractor, style, memory, train_crops, plan, settings.memorisation, clip)
-    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, JudgeSettings.from_config(cfg.evaluate.judge),
-                                          stats)
+    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings.judge, stats)
     found = comparisons(rows, settings, stats, plan)
     near = settings.memorisation.near_copy_distance
     models = {}
