@@ -318,20 +318,20 @@ def cube(values: np.ndarray, plan: Plan) -> np.ndarray:
     return values.reshape(values.shape[0], prompts, -1)
 
 
-def paired(a: np.ndarray, b: np.ndarray, plan: Plan, s: ModelSettings, alpha: float) -> dict:
+def paired(a: np.ndarray, b: np.ndarray, plan: Plan, stats: ModelSettings, alpha: float) -> dict:
     """Paired effect of row arrays a - b (replicates, images); a row of one replicate (a model
     without an adapter) pairs with every replicate of the other."""
     a, b = cube(a, plan), cube(b, plan)
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
         raise ValueError(f"cannot pair {a.shape[0]} replicates with {b.shape[0]}")
-    return paired_effect(a - b, s.bootstrap, s.confidence, s.permutations, s.seed).as_dict(alpha)
+    return paired_effect(a - b, stats.bootstrap, stats.confidence, stats.permutations, stats.seed).as_dict(alpha)
 
 
-def clustered(values: np.ndarray, plan: Plan, s: ModelSettings) -> dict:
-    return clustered_mean(cube(values, plan), s.bootstrap, s.confidence, s.seed).as_dict()
+def clustered(values: np.ndarray, plan: Plan, stats: ModelSettings) -> dict:
+    return clustered_mean(cube(values, plan), stats.bootstrap, stats.confidence, stats.seed).as_dict()
 
 
-def comparisons(rows: list[Row], settings: EvaluateSettings, metrics: ModelSettings, plan: Plan) -> dict[str, dict]:
+def comparisons(rows: list[Row], settings: EvaluateSettings, stats: ModelSettings, plan: Plan) -> dict[str, dict]:
     """Every row against `compare_to`, every `pairs` entry and every adapter row against each
     colour-matched row: style metric and judge effects (and adherence where measured)."""
     by_name = {row.name: row for row in rows}
@@ -342,10 +342,10 @@ def comparisons(rows: list[Row], settings: EvaluateSettings, metrics: ModelSetti
     found = {}
     for model, against in dict.fromkeys(names):
         a, b = by_name[model], by_name[against]
-        entry = {"style": paired(a.scores, b.scores, plan, metrics, alpha),
-                 "judge": paired(a.judge, b.judge, plan, metrics, alpha)}
+        entry = {"style": paired(a.scores, b.scores, plan, stats, alpha),
+                 "judge": paired(a.judge, b.judge, plan, stats, alpha)}
         if a.adherence is not None and b.adherence is not None:
-            entry["adherence"] = paired(a.adherence, b.adherence, plan, metrics, alpha)
+            entry["adherence"] = paired(a.adherence, b.adherence, plan, stats, alpha)
         found[f"{model}_vs_{against}"] = entry
     return found
 
@@ -411,8 +411,7 @@ def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], 
     judge's AUC per row (painter's crops vs the row's images; 0.5: it cannot tell them apart)."""
     generated = [image for row in rows for image in row.flat_images]
     prompts = [index for row in rows for _ in row.images for index, _, _ in plan]
-    painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts,
-                                                 judge)
+    painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts, judge)
     start, auc = 0, {}
     for row in rows:
         count = len(row.flat_images)
@@ -595,7 +594,8 @@ def write_report(folder: Path, settings: EvaluateSettings, metrics: dict, rows: 
     write_csv(folder / "per_prompt.csv", per_prompt, list(per_prompt[0]))
     draw_grid(rows, plan, prompts, settings.report.cell, settings.report.grid_seeds).save(folder / "grid.png")
     (folder / "summary.md").write_text(markdown_summary(metrics), encoding="utf-8")
-    (folder / "report.html").write_text(render_report(metrics, rows, plan, reference, train_crops, roundtrip, settings),
+    (folder / "report.html").write_text(render_report(metrics, rows, plan, reference, train_crops, roundtrip,
+                                                      settings.report, settings.memorisation.pairs_shown),
                                         encoding="utf-8")
 
 

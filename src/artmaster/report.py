@@ -8,14 +8,10 @@ import html
 import io
 import textwrap
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from PIL import Image, ImageDraw, ImageFont
 
 from artmaster.config import Settings
-
-if TYPE_CHECKING:
-    from artmaster.evaluate import EvaluateSettings
 
 esc = html.escape
 
@@ -215,8 +211,10 @@ EXPLANATION = (
 )
 
 
-def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, settings: EvaluateSettings) -> str:
-    cell = settings.report.cell
+def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, settings: ReportSettings,
+                  pairs_shown: int) -> str:
+    """report.html; `pairs_shown`: the (generation, nearest training crop) pairs pictured."""
+    cell = settings.cell
     generation = metrics["generation"]
     ref = metrics["reference"]
     intro = (f"<p>Style reference: <b>{ref['heldout_crops']}</b> crops of the held-out scans "
@@ -236,8 +234,8 @@ def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, 
         html_table(COMPARISON_COLUMNS, [comparison_cells(n, e) for n, e in metrics["comparisons"].items()]),
         f"<p class='small'>{esc(EXPLANATION)}</p>",
         _grid(rows, plan, metrics, cell),
-        _memorisation(rows, plan, train_crops, metrics, settings.memorisation.pairs_shown, cell),
-        _references(reference, train_crops, roundtrip, settings.report, cell),
+        _memorisation(rows, plan, train_crops, metrics, pairs_shown, cell),
+        _references(reference, train_crops, roundtrip, settings, cell),
         f"<p class='small'>Prompt adherence: {esc(metrics['adherence_backend'])}. Computed on "
         f"{esc(metrics['runtime']['cpu'])} ({esc(metrics['runtime']['aten_cpu_capability'])} kernels, "
         f"{metrics['runtime']['torch_threads']} torch thread(s)).</p></body></html>",
