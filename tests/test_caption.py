@@ -119,6 +119,10 @@ def _captions(cfg) -> dict[str, dict]:
     return {row["crop_id"]: row for row in read_jsonl(Path(cfg.paths.data_dir) / "caption" / "captions.jsonl")}
 
 
+def captioner_for(section) -> caption.Captioner:
+    return caption.make_captioner(caption.CaptionSettings.from_config(section), section.template)
+
+
 def test_template_captions_start_with_the_trigger_and_are_deterministic(make):
     cfg = make()
     caption.run(cfg)
@@ -135,7 +139,7 @@ def test_template_captions_start_with_the_trigger_and_are_deterministic(make):
 
 def test_palette_words_follow_the_colours_in_the_image(make):
     cfg = make()
-    captioner = caption.TemplateCaptioner(cfg.caption)
+    captioner = caption.TemplateCaptioner(caption.CaptionSettings.from_config(cfg.caption), cfg.caption.template)
     context = caption.CaptionContext("x", "x")
     emerald = captioner.caption(CROPS["s1-128x128-00"][1], context)
     ochre = captioner.caption(CROPS["s1-128x128-01"][1], context)
@@ -241,7 +245,7 @@ def test_vlm_backend_captions_with_a_local_model(make, tiny_vlm):
         assert row["caption"].startswith("zxh style")
     assert rows["s1-128x128-00"]["caption"].endswith("Autumn colours in the Wuling hills")
     # greedy decoding: the same model and image give the same words
-    captioner = caption.make_captioner(cfg.caption)
+    captioner = captioner_for(cfg.caption)
     context = caption.CaptionContext("x", "x")
     image = CROPS["s3-128x192-00"][1]
     first = captioner.caption(image, context)
@@ -252,12 +256,12 @@ def test_vlm_backend_captions_with_a_local_model(make, tiny_vlm):
 def test_vlm_backend_without_a_model_folder_says_what_to_do(make, tmp_path):
     cfg = make("caption=vlm", f"caption.vlm.model_path={tmp_path / 'missing'}")
     with pytest.raises(FileNotFoundError, match=r"caption\.vlm\.model_path=.*missing.* is not a folder"):
-        caption.make_captioner(cfg.caption)
+        captioner_for(cfg.caption)
 
 
 def test_unknown_backend_is_a_clear_error(make):
     with pytest.raises(ValueError, match=r"caption\.backend='nope': choose one of template, vlm"):
-        caption.make_captioner(make("caption.backend=nope").caption)
+        captioner_for(make("caption.backend=nope").caption)
 
 
 # --- issue 15: the overrides file and place-free outputs -------------------------------------------

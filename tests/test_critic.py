@@ -12,7 +12,9 @@ from artmaster.critic import (
     BoxLimits,
     Edit,
     StyleCritic,
+    StyleCriticSettings,
     VlmCritic,
+    VlmCriticSettings,
     build_critic,
     caption_vocabulary,
     grid_boxes,
@@ -141,7 +143,8 @@ def test_style_critic_marks_the_region_painted_in_another_style(make_cfg, painte
     foreign = paint(STYLES["warm_sunset_western"], 192, 192, 42).crop((96, 0, 192, 96))
     image.paste(foreign, (96, 0))
     critic = StyleCritic(
-        _critic_settings(make_cfg, grids="[2]", max_edits=1, min_deviation=0.0), extractor, model,
+        StyleCriticSettings.from_config(_critic_settings(make_cfg, grids="[2]", max_edits=1, min_deviation=0.0)),
+        extractor, model,
         ["zxh style, ink-wash mountains, mist", "zxh style, mist between peaks"],
     )
     edits = critic.critique(image, "zxh style, mountains")
@@ -189,6 +192,10 @@ def _vlm_settings(make_cfg, folder, *extra):
     ).critic
 
 
+def _vlm_critic(make_cfg, folder, *extra) -> VlmCritic:
+    return VlmCritic(VlmCriticSettings.from_config(_vlm_settings(make_cfg, folder, *extra)))
+
+
 @pytest.fixture(scope="module")
 def tiny_llava(tmp_path_factory):
     return save_tiny_llava(tmp_path_factory.mktemp("tiny_llava"))
@@ -203,7 +210,7 @@ def test_vlm_critic_loads_a_local_model_and_returns_a_list(make_cfg, tiny_llava)
 
 def test_vlm_critic_keeps_the_grounding_tokens_when_decoding(make_cfg, tiny_llava, monkeypatch):
     """Boxes are written with special tokens: decoding must not strip them."""
-    critic = VlmCritic(_vlm_settings(make_cfg, tiny_llava))
+    critic = _vlm_critic(make_cfg, tiny_llava)
     answer = critic.processor.tokenizer(QWEN2VL_ANSWER, return_tensors="pt").input_ids
 
     def recorded_generate(input_ids, **kwargs):
@@ -217,11 +224,11 @@ def test_vlm_critic_keeps_the_grounding_tokens_when_decoding(make_cfg, tiny_llav
 
 def test_vlm_critic_refuses_a_missing_folder_and_non_safetensors_weights(make_cfg, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"critic\.model_path=.*nowhere.* is not a folder"):
-        VlmCritic(_vlm_settings(make_cfg, tmp_path / "nowhere"))
+        _vlm_critic(make_cfg, tmp_path / "nowhere")
     (tmp_path / "pickled").mkdir()
     (tmp_path / "pickled" / "pytorch_model.bin").write_bytes(b"")
     with pytest.raises(FileNotFoundError, match="only safetensors"):
-        VlmCritic(_vlm_settings(make_cfg, tmp_path / "pickled"))
+        _vlm_critic(make_cfg, tmp_path / "pickled")
 
 
 def torchvision_problem() -> str:
@@ -245,7 +252,7 @@ def test_vlm_critic_on_a_tiny_qwen2_vl(make_cfg, tmp_path):
                     "`pip install -e '.[vlm]'` next to the CUDA build of torch 2.13.0 brings a working one")
     folder = save_tiny_qwen2_vl(tmp_path / "qwen2vl")
     for box_format in ("qwen2vl", "qwen25vl"):
-        critic = VlmCritic(_vlm_settings(make_cfg, folder, f"critic.box_format={box_format}"))
+        critic = _vlm_critic(make_cfg, folder, f"critic.box_format={box_format}")
         image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
         edits = critic.critique(image, "zxh style, a waterfall")
         assert isinstance(edits, list)

@@ -127,7 +127,7 @@ LAYERS = {
     "roles": ["critic", "refine", "report", "judge", "adherence"],
     "training": ["training"],
     "models": ["models", "generate", "adalora", "lora_branch", "flux_math", "vlm", "metrics", "processes", "replicates"],
-    "data": ["dataset", "caption_words", "imagestats", "painter"],
+    "data": ["dataset", "augment_settings", "caption_words", "imagestats", "painter"],
     "plumbing": ["config", "runtime", "files", "tracking"],
 }
 

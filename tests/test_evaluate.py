@@ -19,7 +19,7 @@ from helpers.tiny_upstream import write_base_and_lora
 
 from artmaster import evaluate, results
 from artmaster.config import compose
-from artmaster.metrics import StyleModel
+from artmaster.metrics import ModelSettings, StyleModel
 from artmaster.painter import STYLES, paint
 
 # 4 held-out crops of two scans, 4 training crops of two others
@@ -233,7 +233,7 @@ def test_committed_results_hold_the_verdicts_and_the_readme_section_comes_from_t
 
 
 def test_paired_effects_detect_a_consistent_shift_and_not_noise():
-    metrics = compose([]).style_metric
+    metrics = ModelSettings.from_config(compose([]).style_metric)
     plan = [(p, "prompt", s) for p in range(8) for s in range(3)]
     rng = np.random.default_rng(0)
     baseline = rng.normal(-2.0, 0.5, (1, 24))

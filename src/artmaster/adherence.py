@@ -6,16 +6,24 @@ weights); "not available" without one.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig
 from PIL import Image
+
+from artmaster.config import Settings
 
 log = logging.getLogger(__name__)
 
 NOT_AVAILABLE = "not available"
+
+
+@dataclass(frozen=True)
+class AdherenceSettings(Settings):
+    clip_path: str | None
+    batch_size: int
 
 
 class ClipScorer:
@@ -29,16 +37,16 @@ class ClipScorer:
         self.batch_size = batch_size
 
     @classmethod
-    def load(cls, settings: DictConfig) -> tuple[ClipScorer | None, str]:
+    def load(cls, settings: AdherenceSettings) -> tuple[ClipScorer | None, str]:
         """(scorer, status): status is "clip (<folder>)" or "not available: <why>"."""
         path = settings.clip_path
         if not path:
             return None, f"{NOT_AVAILABLE}: evaluate.adherence.clip_path is not set"
-        folder = Path(str(path))
+        folder = Path(path)
         if not folder.is_dir() or not any(folder.glob("*.safetensors")):
             return None, f"{NOT_AVAILABLE}: no CLIP weights (*.safetensors) in {folder}"
         try:
-            return cls(folder, int(settings.batch_size)), f"clip ({folder})"
+            return cls(folder, settings.batch_size), f"clip ({folder})"
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             log.warning("evaluate: CLIP model in %s could not be loaded: %s", folder, error)
             return None, f"{NOT_AVAILABLE}: could not load {folder} ({error})"

@@ -36,7 +36,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from artmaster import replicates
-from artmaster.config import Settings, hydra_entry, params_hash, round_entry, stage_dir
+from artmaster.augment_settings import AugmentSettings, FilterSettings, PictureSettings
+from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.critic import Edit, build_critic
 from artmaster.dataset import TRAIN, GenerationSettings, split_rows
 from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_atomic
@@ -55,33 +56,6 @@ class Sample:
     sample_id: str
     prompt: str
     seed: int
-
-
-@dataclass(frozen=True)
-class FilterSettings(Settings):
-    margin: float
-    near_copy_distance: float
-
-
-@dataclass(frozen=True)
-class PictureSettings(Settings):
-    panel_height: int
-    font_size: int
-    line_width: int
-    colours: tuple[str, ...]
-    contact_columns: int
-
-
-@dataclass(frozen=True)
-class AugmentSettings(Settings):
-    round: int
-    rounds: int
-    prompts: tuple[str, ...]
-    count: int
-    seed: int
-    generation: GenerationSettings
-    filter: FilterSettings
-    picture: PictureSettings
 
 
 def sample_plan(settings: AugmentSettings) -> list[Sample]:

@@ -25,13 +25,43 @@ from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from artmaster.config import ConfigError, hydra_entry, project_root, stage_dir
+from artmaster.config import ConfigError, Settings, hydra_entry, project_root, stage_dir
 from artmaster.files import read_jsonl, staged_dir, write_jsonl
 from artmaster.caption_words import describe
 from artmaster.tracking import Tracker, log_summary, stage_run
-from artmaster.vlm import load_image_text_model
+from artmaster.vlm import VlmSettings, load_image_text_model
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SheetSettings(Settings):
+    max_crops: int
+    columns: int
+    tile: int
+    text_lines: int
+    font_size: int
+
+
+@dataclass(frozen=True)
+class VlmCaptionSettings(VlmSettings):
+    prompt: str
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class CaptionSettings(Settings):
+    """The `caption` section but its `template`, which caption_words.describe reads as written
+    (base's generic corpus is captioned with it too)."""
+
+    backend: str
+    trigger: str
+    separator: str
+    include_sidecar: bool
+    sidecar_max_chars: int
+    overrides_file: str | None
+    sheet: SheetSettings
+    vlm: VlmCaptionSettings | None = None  # the vlm backend's model
 
 
 @dataclass(frozen=True)
@@ -51,7 +81,7 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
-def finish_caption(settings: DictConfig, body: list[str], context: CaptionContext) -> str:
+def finish_caption(settings: CaptionSettings, body: list[str], context: CaptionContext) -> str:
     """Trigger phrase + body phrases (+ sidecar text), joined by the configured separator."""
     parts = [settings.trigger, *body]
     if settings.include_sidecar and context.sidecar_text:
@@ -65,11 +95,12 @@ def finish_caption(settings: DictConfig, body: list[str], context: CaptionContex
 class TemplateCaptioner:
     source = "template"
 
-    def __init__(self, settings: DictConfig):
+    def __init__(self, settings: CaptionSettings, template: DictConfig):
         self.settings = settings
+        self.template = template
 
     def caption(self, image: Image.Image, context: CaptionContext) -> str:
-        return finish_caption(self.settings, describe(image, self.settings.template), context)
+        return finish_caption(self.settings, describe(image, self.template), context)
 
 
 # --- vlm ---------------------------------------------------------------------------------------
@@ -80,7 +111,7 @@ class VLMCaptioner:
 
     source = "vlm"
 
-    def __init__(self, settings: DictConfig):
+    def __init__(self, settings: CaptionSettings):
         self.processor, self.model, self.device = load_image_text_model(
             settings.vlm, "caption.vlm", "an image-text-to-text model (e.g. Qwen2-VL-2B-Instruct)"
         )
@@ -109,21 +140,19 @@ class VLMCaptioner:
         return finish_caption(self.settings, [answer], context)
 
 
-BACKENDS = {"template": TemplateCaptioner, "vlm": VLMCaptioner}
-
-
-def make_captioner(settings: DictConfig) -> Captioner:
-    try:
-        backend = BACKENDS[settings.backend]
-    except KeyError:
-        raise ValueError(f"caption.backend={settings.backend!r}: choose one of {', '.join(BACKENDS)}") from None
-    return backend(settings)
+def make_captioner(settings: CaptionSettings, template: DictConfig) -> Captioner:
+    """The `caption.backend` captioner (`template`: the section the template backend describes with)."""
+    if settings.backend == "template":
+        return TemplateCaptioner(settings, template)
+    if settings.backend == "vlm":
+        return VLMCaptioner(settings)
+    raise ValueError(f"caption.backend={settings.backend!r}: choose one of template, vlm")
 
 
 # --- overrides ---------------------------------------------------------------------------------
 
 
-def overrides_path(settings: DictConfig) -> Path | None:
+def overrides_path(settings: CaptionSettings) -> Path | None:
     if not settings.overrides_file:
         return None
     path = Path(settings.overrides_file)
@@ -173,7 +202,7 @@ def load_overrides(path: Path | None) -> dict[str, str]:
 # --- picture -----------------------------------------------------------------------------------
 
 
-def draw_caption_sheet(items: list[tuple[Image.Image, str, str]], sheet: DictConfig) -> Image.Image:
+def draw_caption_sheet(items: list[tuple[Image.Image, str, str]], sheet: SheetSettings) -> Image.Image:
     """Crops (fitted into tile x tile) with their source and wrapped caption underneath."""
     items = items[: sheet.max_crops]
     columns = max(1, min(sheet.columns, len(items)))
@@ -264,7 +293,7 @@ def _log(tracker: Tracker, rows: list[dict], summary: dict, staging: Path) -> No
 
 def run(cfg: DictConfig) -> dict:
     """Caption every crop of data/crop with `caption.backend`; the overrides file wins."""
-    settings = cfg.caption
+    settings = CaptionSettings.from_config(cfg.caption)
     crop_dir = stage_dir(cfg, "crop")
     crops = read_jsonl(crop_dir / "crops.jsonl", within={"path": crop_dir})  # no path out of data/crop
     if not crops:
@@ -280,9 +309,9 @@ def run(cfg: DictConfig) -> dict:
     with stage_run(cfg, "caption", sections=("caption",)) as tracker, staged_dir(out_dir) as staging:
         # only load a model when some crop still needs a generated caption
         needs_model = any(str(row["crop_id"]) not in overrides for row in crops)
-        captioner = make_captioner(settings) if needs_model else None
+        captioner = make_captioner(settings, cfg.caption.template) if needs_model else None
         rows, failed, sheet_items = caption_crops(crops, crop_dir, captioner, overrides, sidecars,
-                                                  int(settings.sheet.max_crops))
+                                                  settings.sheet.max_crops)
         if not rows:
             raise RuntimeError(f"caption: no crop could be read ({'; '.join(f['path'] for f in failed)})")
 

@@ -166,8 +166,7 @@ CHECKED: dict[str, str | type] = {
     "crop.stride": float,
     "crop.min_ink_fraction": float,
     "train": "artmaster.training.settings:TrainSettings",
-    "augment.count": int,  # augment's module loads torch
-    "augment.rounds": int,
+    "augment": "artmaster.augment_settings:AugmentSettings",
     "tracking": "artmaster.tracking:TrackingSettings",
 }
 

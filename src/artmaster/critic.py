@@ -28,9 +28,10 @@ from typing import Protocol
 from omegaconf import DictConfig
 from PIL import Image
 
+from artmaster.config import Settings
 from artmaster.imagestats import box_iou
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
-from artmaster.vlm import load_image_text_model
+from artmaster.vlm import VlmSettings, load_image_text_model
 
 log = logging.getLogger(__name__)
 
@@ -74,26 +75,40 @@ def grid_boxes(size: tuple[int, int], grids: Sequence[int]) -> list[tuple[int, i
     return boxes
 
 
+@dataclass(frozen=True)
+class StyleCriticSettings(Settings):
+    trigger: str
+    grids: tuple[int, ...]
+    max_edits: int
+    min_deviation: float
+    max_overlap: float
+    local_prompt: str
+    vocabulary_words: int
+    phrases: dict[str, str]  # feature block -> what its local prompt says
+    stopwords: tuple[str, ...]
+
+
 class StyleCritic:
     """Marks the grid cells whose style statistics deviate most from the painter's works."""
 
-    def __init__(self, settings: DictConfig, extractor: StyleFeatureExtractor, model: StyleModel, captions: Sequence[str]):
+    def __init__(self, settings: StyleCriticSettings, extractor: StyleFeatureExtractor, model: StyleModel,
+                 captions: Sequence[str]):
         self.settings = settings
         self.extractor = extractor
         self.model = model
-        self.phrases = {str(block): str(phrase) for block, phrase in settings.phrases.items()}
+        self.phrases = settings.phrases
         missing = set(model.reference.tile_blocks) - set(self.phrases)
         if missing:
             raise ValueError(f"critic.phrases has no phrase for feature block(s) {sorted(missing)}")
-        ignore = [*settings.stopwords, *str(settings.trigger).split()]
-        self.vocabulary = caption_vocabulary(captions, int(settings.vocabulary_words), ignore)
+        ignore = [*settings.stopwords, *settings.trigger.split()]
+        self.vocabulary = caption_vocabulary(captions, settings.vocabulary_words, ignore)
         if any(cells < 1 for cells in settings.grids):
             raise ValueError(f"critic.grids must be positive cell counts, got {list(settings.grids)}")
 
     def local_prompt(self, block: str) -> str:
         phrase = self.phrases[block]
         words = [word for word in self.vocabulary if word not in phrase.split()]
-        return str(self.settings.local_prompt).format(
+        return self.settings.local_prompt.format(
             trigger=self.settings.trigger, phrase=phrase, vocabulary=" ".join(words)
         ).strip(" ,")
 
@@ -232,21 +247,36 @@ def parse_edits(
 # --- vlm critic --------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class VlmCriticSettings(VlmSettings):
+    trigger: str
+    max_new_tokens: int
+    box_format: str
+    normalised_range: float
+    label_keys: tuple[str, ...]
+    max_edits: int
+    min_area: float
+    max_area: float
+    local_prompt: str
+    painter_description: str
+    instructions: dict[str, str]  # box format -> the request
+
+
 class VlmCritic:
     """A local grounding model proposes (box, local prompt) pairs for the painter's style."""
 
-    def __init__(self, settings: DictConfig):
+    def __init__(self, settings: VlmCriticSettings):
         if settings.box_format not in BOX_FORMATS:
             raise ValueError(f"critic.box_format={settings.box_format!r} is not one of {', '.join(BOX_FORMATS)}")
         self.settings = settings
         self.processor, self.model, self.device = load_image_text_model(
             settings, "critic", "a grounding model (e.g. Qwen2-VL-7B-Instruct)"
         )
-        self.limits = BoxLimits(float(settings.min_area), float(settings.max_area), int(settings.max_edits))
+        self.limits = BoxLimits(settings.min_area, settings.max_area, settings.max_edits)
 
     def _request(self, prompt: str) -> str:
         settings = self.settings
-        instruction = str(settings.instructions[settings.box_format]).format(
+        instruction = settings.instructions[settings.box_format].format(
             painter=settings.painter_description, prompt=prompt, max_edits=settings.max_edits
         )
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": instruction}]}]
@@ -254,7 +284,7 @@ class VlmCritic:
 
     def _coordinate_size(self, image: Image.Image, inputs) -> tuple[float, float]:
         if self.settings.box_format == "qwen2vl":
-            return float(self.settings.normalised_range), float(self.settings.normalised_range)
+            return self.settings.normalised_range, self.settings.normalised_range
         # Qwen2.5-VL writes pixels of the resized image it saw: grid (t, h, w) x patch size.
         grid = inputs.get("image_grid_thw")
         patch = getattr(self.processor.image_processor, "patch_size", None)
@@ -268,26 +298,26 @@ class VlmCritic:
         image = image.convert("RGB")
         inputs = self.processor(text=[self._request(prompt)], images=[image], return_tensors="pt").to(self.device)
         with torch.inference_mode():
-            output = self.model.generate(**inputs, max_new_tokens=int(self.settings.max_new_tokens), do_sample=False)
+            output = self.model.generate(**inputs, max_new_tokens=self.settings.max_new_tokens, do_sample=False)
         # Keep special tokens: Qwen2-VL's boxes are written with them.
         answer = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=False)[0]
         log.debug("vlm critic answer: %s", answer)
         return parse_edits(
             answer, self.settings.box_format, image.size, self._coordinate_size(image, inputs), self.limits,
             label_keys=list(self.settings.label_keys),
-            local_prompt=str(self.settings.local_prompt).replace("{trigger}", str(self.settings.trigger)),
+            local_prompt=self.settings.local_prompt.replace("{trigger}", self.settings.trigger),
         )
 
 
 def build_critic(
-    settings: DictConfig, *, extractor: StyleFeatureExtractor | None = None, model: StyleModel | None = None,
+    section: DictConfig, *, extractor: StyleFeatureExtractor | None = None, model: StyleModel | None = None,
     captions: Sequence[str] = (),
 ) -> Critic:
     """The critic named by `critic.name`; `style` needs the painter's fitted style model."""
-    if settings.name == "style":
+    if section.name == "style":
         if extractor is None or model is None:
             raise ValueError("the style critic needs the painter's feature extractor and fitted StyleModel")
-        return StyleCritic(settings, extractor, model, captions)
-    if settings.name == "vlm":
-        return VlmCritic(settings)
-    raise ValueError(f"critic.name={settings.name!r} is not one of style, vlm")
+        return StyleCritic(StyleCriticSettings.from_config(section), extractor, model, captions)
+    if section.name == "vlm":
+        return VlmCritic(VlmCriticSettings.from_config(section))
+    raise ValueError(f"critic.name={section.name!r} is not one of style, vlm")

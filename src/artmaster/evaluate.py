@@ -44,23 +44,55 @@ from PIL import Image
 from scipy.spatial.distance import pdist
 
 from artmaster import replicates, runtime
-from artmaster.adherence import NOT_AVAILABLE, ClipScorer
-from artmaster.config import hydra_entry, stage_dir
+from artmaster.adherence import NOT_AVAILABLE, AdherenceSettings, ClipScorer
+from artmaster.config import Settings, hydra_entry, stage_dir
 from artmaster.dataset import HELDOUT, TRAIN, GenerationSettings, scaled_size, split_rows
 from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
-from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.metrics import ModelSettings, StyleFeatureExtractor, StyleModel
 from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, paired_effect
 from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
-from artmaster.report import draw_grid, markdown_summary, render_report
+from artmaster.replicates import ReplicatesSettings
+from artmaster.report import ReportSettings, draw_grid, markdown_summary, render_report
 from artmaster.tracking import Tracker, log_summary, stage_run
 
 log = logging.getLogger(__name__)
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_-]+")
 Plan = list[tuple[int, str, int]]  # (prompt index, content prompt, seed), prompt-major
+
+
+@dataclass(frozen=True)
+class MemorisationSettings(Settings):
+    near_copy_distance: float
+    pixel_size: int
+    pairs_shown: int
+
+
+@dataclass(frozen=True)
+class EvaluateSettings(Settings):
+    """The `evaluate` section (its statistics are the style metric's ModelSettings). `models`,
+    `colour_matched` and `pairs` are lists of entries as written, read and checked by `model_specs`."""
+
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    models: tuple
+    pairs: tuple
+    compare_to: str
+    alpha: float
+    vae_roundtrip: bool
+    generation: GenerationSettings
+    memorisation: MemorisationSettings
+    report: ReportSettings
+    adherence: AdherenceSettings
+    judge: JudgeSettings
+    colour_matched: tuple | None = ()
+
+    @property
+    def matched_names(self) -> list[str]:
+        return [str(entry.name) for entry in self.colour_matched or ()]
 
 
 @dataclass(frozen=True)
@@ -120,7 +152,7 @@ class Row:
 # --- configuration --------------------------------------------------------------------------------
 
 
-def model_specs(settings: DictConfig) -> tuple[list[ModelSpec], list[MatchedSpec]]:
+def model_specs(settings: EvaluateSettings) -> tuple[list[ModelSpec], list[MatchedSpec]]:
     """`evaluate.models` and `evaluate.colour_matched`, checked: unique file-safe names, the rows
     that `compare_to`, `pairs` and the colour filters name exist."""
     specs = []
@@ -128,7 +160,7 @@ def model_specs(settings: DictConfig) -> tuple[list[ModelSpec], list[MatchedSpec
         adapter = entry.get("adapter")
         specs.append(ModelSpec(str(entry.name), Path(str(adapter)) if adapter else None, str(entry.get("prefix") or ""),
                                str(entry.get("suffix") or ""), bool(entry.get("replicated", False))))
-    matched = [MatchedSpec(str(e.name), str(e.source), str(e.method)) for e in settings.get("colour_matched") or []]
+    matched = [MatchedSpec(str(e.name), str(e.source), str(e.method)) for e in settings.colour_matched or ()]
     names = [spec.name for spec in specs] + [spec.name for spec in matched]
     for name in names:
         if not NAME_PATTERN.fullmatch(name):
@@ -140,7 +172,7 @@ def model_specs(settings: DictConfig) -> tuple[list[ModelSpec], list[MatchedSpec
         if spec.source not in painted or spec.method not in METHODS:
             raise ValueError(f"evaluate.colour_matched[{spec.name}]: source {spec.source!r} must be one of "
                              f"evaluate.models {painted} and method {spec.method!r} one of {list(METHODS)}")
-    if str(settings.compare_to) not in names:
+    if settings.compare_to not in names:
         raise ValueError(f"evaluate.compare_to={settings.compare_to!r} is not one of evaluate.models {names}")
     for pair in settings.pairs:
         if len(pair) != 2 or not {str(name) for name in pair} <= set(names):
@@ -158,9 +190,9 @@ def check_adapters(cfg: DictConfig, specs: list[ModelSpec]) -> None:
                     "replicates.count must match theirs)")
 
 
-def sample_plan(settings: DictConfig) -> Plan:
+def sample_plan(settings: EvaluateSettings) -> Plan:
     """(prompt index, content prompt, seed) for every prompt x seed, prompt-major."""
-    prompts, seeds = [str(p) for p in settings.prompts], [int(s) for s in settings.seeds]
+    prompts, seeds = list(settings.prompts), list(settings.seeds)
     if not prompts or not seeds:
         raise ValueError("evaluate.prompts and evaluate.seeds must both be non-empty")
     if len(prompts) * len(seeds) < 2:
@@ -196,13 +228,12 @@ def vae_roundtrip(vae, images: list[Image.Image]) -> list[Image.Image]:
     return out
 
 
-def paint_rows(cfg: DictConfig, specs: list[ModelSpec], plan: Plan, processes: Processes,
+def paint_rows(cfg: DictConfig, gen: GenerationSettings, specs: list[ModelSpec], plan: Plan, processes: Processes,
                roundtrip: list[Image.Image] = ()) -> tuple[list[Row], list[Image.Image]]:
     """Every painted row's images (each process paints its share of the plan; all images gathered),
     and the VAE roundtrip of `roundtrip`."""
     from artmaster.models import load_pipeline
 
-    gen = GenerationSettings.from_config(cfg.evaluate.generation)
     width, height = gen.size
     pipe = load_pipeline(cfg.model)
     pipe.set_progress_bar_config(disable=True)
@@ -258,11 +289,11 @@ def diversity(embedding: np.ndarray, prompt_index: np.ndarray) -> dict[int, floa
 
 
 def measure(row: Row, extractor: StyleFeatureExtractor, style: StyleModel, memory: StyleModel,
-            train_crops: tuple[list[str], list[Image.Image]], plan: Plan, settings: DictConfig,
+            train_crops: tuple[list[str], list[Image.Image]], plan: Plan, settings: MemorisationSettings,
             clip: ClipScorer | None) -> None:
     """Style scores, KID, diversity, memorisation (and adherence) of one row, per replicate."""
     prompt_index = np.array([index for index, _, _ in plan])
-    size = int(settings.memorisation.pixel_size)
+    size = settings.pixel_size
     train_thumbs = thumbnail_vectors(train_crops[1], size)
     features = extractor.extract(row.flat_images, [f"{row.name}/{i}" for i in range(len(row.flat_images))])
     shape = (len(row.images), len(plan))
@@ -287,46 +318,44 @@ def cube(values: np.ndarray, plan: Plan) -> np.ndarray:
     return values.reshape(values.shape[0], prompts, -1)
 
 
-def paired(a: np.ndarray, b: np.ndarray, plan: Plan, metrics: DictConfig, alpha: float) -> dict:
+def paired(a: np.ndarray, b: np.ndarray, plan: Plan, stats: ModelSettings, alpha: float) -> dict:
     """Paired effect of row arrays a - b (replicates, images); a row of one replicate (a model
     without an adapter) pairs with every replicate of the other."""
     a, b = cube(a, plan), cube(b, plan)
     if a.shape[0] != b.shape[0] and 1 not in (a.shape[0], b.shape[0]):
         raise ValueError(f"cannot pair {a.shape[0]} replicates with {b.shape[0]}")
-    s = metrics.stats
-    return paired_effect(a - b, int(s.bootstrap), float(s.confidence), int(s.permutations), int(s.seed)).as_dict(alpha)
+    return paired_effect(a - b, stats.bootstrap, stats.confidence, stats.permutations, stats.seed).as_dict(alpha)
 
 
-def clustered(values: np.ndarray, plan: Plan, metrics: DictConfig) -> dict:
-    s = metrics.stats
-    return clustered_mean(cube(values, plan), int(s.bootstrap), float(s.confidence), int(s.seed)).as_dict()
+def clustered(values: np.ndarray, plan: Plan, stats: ModelSettings) -> dict:
+    return clustered_mean(cube(values, plan), stats.bootstrap, stats.confidence, stats.seed).as_dict()
 
 
-def comparisons(rows: list[Row], settings: DictConfig, metrics: DictConfig, plan: Plan) -> dict[str, dict]:
+def comparisons(rows: list[Row], settings: EvaluateSettings, stats: ModelSettings, plan: Plan) -> dict[str, dict]:
     """Every row against `compare_to`, every `pairs` entry and every adapter row against each
     colour-matched row: style metric and judge effects (and adherence where measured)."""
     by_name = {row.name: row for row in rows}
-    alpha = float(settings.alpha)
-    names = [(row.name, str(settings.compare_to)) for row in rows if row.name != str(settings.compare_to)]
+    alpha = settings.alpha
+    names = [(row.name, settings.compare_to) for row in rows if row.name != settings.compare_to]
     names += [(str(a), str(b)) for a, b in settings.pairs]
-    names += [(row.name, str(m.name)) for row in rows if row.adapter for m in settings.get("colour_matched") or []]
+    names += [(row.name, name) for row in rows if row.adapter for name in settings.matched_names]
     found = {}
     for model, against in dict.fromkeys(names):
         a, b = by_name[model], by_name[against]
-        entry = {"style": paired(a.scores, b.scores, plan, metrics, alpha),
-                 "judge": paired(a.judge, b.judge, plan, metrics, alpha)}
+        entry = {"style": paired(a.scores, b.scores, plan, stats, alpha),
+                 "judge": paired(a.judge, b.judge, plan, stats, alpha)}
         if a.adherence is not None and b.adherence is not None:
-            entry["adherence"] = paired(a.adherence, b.adherence, plan, metrics, alpha)
+            entry["adherence"] = paired(a.adherence, b.adherence, plan, stats, alpha)
         found[f"{model}_vs_{against}"] = entry
     return found
 
 
-def verdicts(rows: list[Row], found: dict[str, dict], settings: DictConfig,
+def verdicts(rows: list[Row], found: dict[str, dict], settings: EvaluateSettings,
              vae_roundtrip: dict | None = None) -> dict:
     """Style learned (an adapter row beats every colour-matched row on the style metric,
     significantly) and ArtAug's verdict by both judges, as data and as sentences; with the VAE
     roundtrip of the training crops, whether it bounds what any generated row can score."""
-    matched = [str(m.name) for m in settings.get("colour_matched") or []]
+    matched = settings.matched_names
     learned, sentences = {}, []
     for row in (r for r in rows if r.adapter):
         effects = [found[f"{row.name}_vs_{name}"]["style"] for name in matched]
@@ -377,13 +406,12 @@ def vae_bound(painted_rows: list[Row], roundtrip: dict) -> str:
 
 
 def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], scans: list[str], plan: Plan,
-               settings: DictConfig, stats: DictConfig) -> tuple[np.ndarray, dict[str, dict]]:
+               judge: JudgeSettings, stats: ModelSettings) -> tuple[np.ndarray, dict[str, dict]]:
     """P(painter) for every generated image (Row.judge) and the painter's own held-out crops; the
     judge's AUC per row (painter's crops vs the row's images; 0.5: it cannot tell them apart)."""
     generated = [image for row in rows for image in row.flat_images]
     prompts = [index for row in rows for _ in row.images for index, _, _ in plan]
-    painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts,
-                                                 JudgeSettings.from_config(settings.judge))
+    painter_scores, scores = cross_fitted_scores(reference[1], scans, generated, prompts, judge)
     start, auc = 0, {}
     for row in rows:
         count = len(row.flat_images)
@@ -391,7 +419,7 @@ def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], 
         start += count
         auc[row.name] = clustered_auc(painter_scores, np.array(scans), row.judge.ravel(),
                                       np.array([index for _ in row.images for index, _, _ in plan]),
-                                      int(stats.bootstrap), float(stats.confidence), int(stats.seed)).as_dict()
+                                      stats.bootstrap, stats.confidence, stats.seed).as_dict()
     return painter_scores, auc
 
 
@@ -401,7 +429,7 @@ def judge_rows(rows: list[Row], reference: tuple[list[str], list[Image.Image]], 
 def run(cfg: DictConfig) -> dict:
     """Paint the prompt x seed set with every model (and replicate), add the colour-filter
     baselines, and judge them all against the held-out scans; write the verdicts and the report."""
-    settings = cfg.evaluate
+    settings = EvaluateSettings.from_config(cfg.evaluate)
     specs, matched = model_specs(settings)
     check_adapters(cfg, specs)
     plan = sample_plan(settings)
@@ -417,7 +445,7 @@ def run(cfg: DictConfig) -> dict:
                          "judge and the intervals need at least 2: set data.holdout.scans >= 2")
     if len(train_rows) < 2:
         raise ValueError(f"evaluate: {crop_dir / 'crops.jsonl'} has fewer than 2 training crops")
-    image_scale = GenerationSettings.from_config(settings.generation).image_scale
+    image_scale = settings.generation.image_scale
     out_dir = stage_dir(cfg, "evaluate")
     started = time.perf_counter()
 
@@ -426,17 +454,18 @@ def run(cfg: DictConfig) -> dict:
                    main=processes.is_main) as tracker:
         # only the main process measures: the others need no crops, and no VAE roundtrip of them
         train_crops = load_crops(crop_dir, train_rows if processes.is_main else [], image_scale)
-        rows, roundtrip = paint_rows(cfg, specs, plan, processes, train_crops[1] if settings.vae_roundtrip else [])
+        rows, roundtrip = paint_rows(cfg, settings.generation, specs, plan, processes,
+                                     train_crops[1] if settings.vae_roundtrip else [])
         if not processes.is_main:
             return {}
         generation_seconds = time.perf_counter() - started
         rows += colour_matched_rows(matched, rows, train_crops[1])
         reference = load_crops(crop_dir, heldout_rows, image_scale)
-        metrics = measure_all(cfg, rows, plan, reference, [str(r["scan_id"]) for r in heldout_rows], train_crops,
-                              roundtrip)
+        metrics = measure_all(cfg, settings, rows, plan, reference, [str(r["scan_id"]) for r in heldout_rows],
+                              train_crops, roundtrip)
         metrics["seconds"] = {"generation": round(generation_seconds, 1)}
         with staged_dir(out_dir / "report") as staging:
-            write_report(staging, cfg, metrics, rows, plan, reference, train_crops, roundtrip)
+            write_report(staging, settings, metrics, rows, plan, reference, train_crops, roundtrip)
             metrics["seconds"]["total"] = round(time.perf_counter() - started, 1)
             write_atomic(staging / "metrics.json", json.dumps(metrics, indent=2, ensure_ascii=False))
         results = results_of(metrics)
@@ -448,33 +477,33 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[list[str], list[Image.Image]],
-                scans: list[str], train_crops: tuple[list[str], list[Image.Image]],
-                roundtrip: list[Image.Image]) -> dict:
+def measure_all(cfg: DictConfig, settings: EvaluateSettings, rows: list[Row], plan: Plan,
+                reference: tuple[list[str], list[Image.Image]], scans: list[str],
+                train_crops: tuple[list[str], list[Image.Image]], roundtrip: list[Image.Image]) -> dict:
     """Both judges on every row, the comparisons and verdicts: the evaluation as data."""
-    settings = cfg.evaluate
     metrics_cfg = cfg.style_metric
     extractor = StyleFeatureExtractor.from_config(metrics_cfg)
     style = StyleModel.fit(extractor.extract(reference[1], reference[0]), metrics_cfg)
     train_features = extractor.extract(train_crops[1], train_crops[0])
     memory = StyleModel.fit(train_features, metrics_cfg)
+    stats = style.settings
     clip, adherence_backend = ClipScorer.load(settings.adherence)
     for row in rows:
-        measure(row, extractor, style, memory, train_crops, plan, settings, clip)
-    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings, metrics_cfg.stats)
-    found = comparisons(rows, settings, metrics_cfg, plan)
-    near = float(settings.memorisation.near_copy_distance)
+        measure(row, extractor, style, memory, train_crops, plan, settings.memorisation, clip)
+    painter_judge, judge_auc = judge_rows(rows, reference, scans, plan, settings.judge, stats)
+    found = comparisons(rows, settings, stats, plan)
+    near = settings.memorisation.near_copy_distance
     models = {}
     for row in rows:
         models[row.name] = {
             "description": row.description,
             "replicates": len(row.images),
             "images": int(row.scores.size),
-            "style_score": clustered(row.scores, plan, metrics_cfg),
+            "style_score": clustered(row.scores, plan, stats),
             "kid": row.kid.as_dict(),
-            "judge_p_painter": clustered(row.judge, plan, metrics_cfg),
+            "judge_p_painter": clustered(row.judge, plan, stats),
             "judge_auc": judge_auc[row.name],
-            "adherence": NOT_AVAILABLE if row.adherence is None else clustered(row.adherence, plan, metrics_cfg),
+            "adherence": NOT_AVAILABLE if row.adherence is None else clustered(row.adherence, plan, stats),
             "diversity": float(np.mean(list(row.diversity.values()))) if row.diversity else None,
             "memorisation": {"min_distance": float(row.nearest_distance.min()),
                              "mean_distance": float(row.nearest_distance.mean()),
@@ -482,23 +511,22 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
                              "max_pixel_correlation": float(row.pixel_correlation.max())},
             "seconds_generation": round(row.seconds, 2),
         }
-    s = metrics_cfg.stats
     references = {"training_crops": style.score(train_features)}
     if roundtrip:
         references["training_crops_through_the_vae"] = style.score(extractor.extract(roundtrip))
     reference_scores = {name: {"count": len(values),
-                               "style_score": clustered_mean(values[None, :, None], int(s.bootstrap),
-                                                             float(s.confidence), int(s.seed)).as_dict()}
+                               "style_score": clustered_mean(values[None, :, None], stats.bootstrap,
+                                                             stats.confidence, stats.seed).as_dict()}
                         for name, values in references.items()}
     roundtrip_score = reference_scores.get("training_crops_through_the_vae", {}).get("style_score")
-    gen = GenerationSettings.from_config(settings.generation)
+    gen = settings.generation
     return {
-        "compare_to": str(settings.compare_to),
+        "compare_to": settings.compare_to,
         "pairs": [[str(a), str(b)] for a, b in settings.pairs],
-        "colour_matched": [str(m.name) for m in settings.get("colour_matched") or []],
-        "alpha": float(settings.alpha),
-        "plan": {"prompts": [str(p) for p in settings.prompts], "seeds": [int(x) for x in settings.seeds],
-                 "replicates": int(cfg.replicates.count)},
+        "colour_matched": settings.matched_names,
+        "alpha": settings.alpha,
+        "plan": {"prompts": list(settings.prompts), "seeds": list(settings.seeds),
+                 "replicates": ReplicatesSettings.from_config(cfg.replicates).count},
         "generation": {"size": "x".join(map(str, gen.size)), "steps": gen.steps, "guidance": gen.guidance},
         "reference": {"heldout_scans": sorted(set(scans)), "heldout_crops": len(scans),
                       "train_crops": len(train_crops[0]), "typical_distance": style.typical_distance,
@@ -510,7 +538,7 @@ def measure_all(cfg: DictConfig, rows: list[Row], plan: Plan, reference: tuple[l
         "comparisons": found,
         "verdicts": verdicts(rows, found, settings, roundtrip_score),
         "runtime": runtime.describe(),
-        "per_image": per_image_rows(rows, plan, str(settings.compare_to)),
+        "per_image": per_image_rows(rows, plan, settings.compare_to),
         "diversity_per_prompt": {row.name: row.diversity for row in rows},
     }
 
@@ -549,10 +577,9 @@ def write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
         writer.writerows(rows)
 
 
-def write_report(folder: Path, cfg: DictConfig, metrics: dict, rows: list[Row], plan: Plan,
+def write_report(folder: Path, settings: EvaluateSettings, metrics: dict, rows: list[Row], plan: Plan,
                  reference: tuple[list[str], list[Image.Image]], train_crops: tuple[list[str], list[Image.Image]],
                  roundtrip: list[Image.Image]) -> None:
-    settings = cfg.evaluate
     table = metrics.pop("per_image")
     for row in rows:
         (folder / "images" / row.name).mkdir(parents=True)
@@ -565,9 +592,10 @@ def write_report(folder: Path, cfg: DictConfig, metrics: dict, rows: list[Row], 
                    **{row.name: round(float(cube(row.scores, plan)[:, i].mean()), 6) for row in rows},
                    **{f"{row.name}_diversity": row.diversity.get(i) for row in rows}} for i, p in enumerate(prompts)]
     write_csv(folder / "per_prompt.csv", per_prompt, list(per_prompt[0]))
-    draw_grid(rows, plan, prompts, int(settings.report.cell), int(settings.report.grid_seeds)).save(folder / "grid.png")
+    draw_grid(rows, plan, prompts, settings.report.cell, settings.report.grid_seeds).save(folder / "grid.png")
     (folder / "summary.md").write_text(markdown_summary(metrics), encoding="utf-8")
-    (folder / "report.html").write_text(render_report(metrics, rows, plan, reference, train_crops, roundtrip, settings),
+    (folder / "report.html").write_text(render_report(metrics, rows, plan, reference, train_crops, roundtrip,
+                                                      settings.report, settings.memorisation.pairs_shown),
                                         encoding="utf-8")
 
 

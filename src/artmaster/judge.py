@@ -26,9 +26,11 @@ from omegaconf import DictConfig
 from PIL import Image
 from tqdm import tqdm
 
+from artmaster.config import Settings
+
 
 @dataclass(frozen=True)
-class JudgeSettings:
+class JudgeSettings(Settings):
     patch: int
     steps: int
     batch_size: int
@@ -39,9 +41,7 @@ class JudgeSettings:
 
     @classmethod
     def from_config(cls, judge: DictConfig) -> JudgeSettings:
-        settings = cls(patch=int(judge.patch), steps=int(judge.steps), batch_size=int(judge.batch_size),
-                       lr=float(judge.lr), channels=tuple(int(c) for c in judge.channels), folds=int(judge.folds),
-                       seed=int(judge.seed))
+        settings = super().from_config(judge)
         if settings.folds < 2:
             raise ValueError(f"evaluate.judge.folds={settings.folds}: at least 2 (each image is judged by a "
                              "classifier trained on the other folds)")

@@ -13,6 +13,7 @@ Config group `refine` (conf/refine/*.yaml), selected by `refine.name`:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from scipy import ndimage
 
+from artmaster.config import Settings
 from artmaster.critic import Edit
 from artmaster.flux_math import resolution_shift_mu, unpack_latents
 from artmaster.generate import noise_generator
@@ -150,13 +152,19 @@ def decode_latents(pipe: FluxPipeline, latents: torch.Tensor, height: int, width
     return pipe.image_processor.postprocess(decoded, output_type="pil")[0]
 
 
+@dataclass(frozen=True)
+class RegionalSettings(Settings):
+    mask_blur: float
+    batch_size: int
+
+
 class RegionalRefiner:
     """ArtAug's same-seed regional regeneration (see module docstring)."""
 
-    def __init__(self, pipe: FluxPipeline, settings: DictConfig):
+    def __init__(self, pipe: FluxPipeline, settings: RegionalSettings):
         self.pipe = pipe
-        self.mask_blur = float(settings.mask_blur)
-        self.batch_size = int(settings.batch_size)
+        self.mask_blur = settings.mask_blur
+        self.batch_size = settings.batch_size
         if self.batch_size < 1:
             raise ValueError(f"refine.batch_size must be >= 1, got {self.batch_size}")
 
@@ -191,14 +199,20 @@ def feathered_box_alpha(box: Sequence[float], size: tuple[int, int], feather_px:
     return np.clip(inside / feather_px, 0.0, 1.0).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class InpaintSettings(Settings):
+    strength: float
+    feather: float
+
+
 class InpaintRefiner:
     """Repaint each edit's box with its local prompt (FluxInpaintPipeline on the same components)."""
 
-    def __init__(self, pipe: FluxPipeline, settings: DictConfig):
+    def __init__(self, pipe: FluxPipeline, settings: InpaintSettings):
         self.pipe = FluxInpaintPipeline(**pipe.components)
         self.pipe.set_progress_bar_config(disable=True)
-        self.strength = float(settings.strength)
-        self.feather = float(settings.feather)
+        self.strength = settings.strength
+        self.feather = settings.feather
         if not 0 < self.strength <= 1:
             raise ValueError(f"refine.strength must be in (0, 1], got {self.strength}")
 
@@ -222,12 +236,14 @@ class InpaintRefiner:
         return image
 
 
-REFINERS = {"regional": RegionalRefiner, "inpaint": InpaintRefiner}
+# name -> the refiner and the settings it reads from the `refine` section
+REFINERS = {"regional": (RegionalRefiner, RegionalSettings), "inpaint": (InpaintRefiner, InpaintSettings)}
 
 
-def build_refiner(pipe: FluxPipeline, settings: DictConfig) -> Refiner:
+def build_refiner(pipe: FluxPipeline, section: DictConfig) -> Refiner:
     """The refiner named by `refine.name` (conf/refine/<name>.yaml), on `pipe`'s components."""
-    name = str(settings.name)
+    name = str(section.name)
     if name not in REFINERS:
         raise ValueError(f"refine.name={name!r} is not one of {', '.join(REFINERS)}")
-    return REFINERS[name](pipe, settings)
+    refiner, settings = REFINERS[name]
+    return refiner(pipe, settings.from_config(section))

@@ -16,7 +16,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from artmaster.config import Settings
+
 FOLDER = "replicates"
+
+
+@dataclass(frozen=True)
+class ReplicatesSettings(Settings):
+    count: int
+    samples: str  # product | all: which replicates paint train's samples
 
 
 @dataclass(frozen=True)
@@ -47,13 +55,13 @@ class Replicate:
         if self.is_product:
             return cfg
         changes: dict = {"seed": self.seed}
-        if cfg.replicates.samples == "product":
+        if ReplicatesSettings.from_config(cfg.replicates).samples == "product":
             changes["train"] = {"samples": {"enabled": False}}
         return OmegaConf.merge(cfg, changes)
 
 
 def replicates(cfg: DictConfig) -> list[Replicate]:
-    count = int(cfg.replicates.count)
+    count = ReplicatesSettings.from_config(cfg.replicates).count
     if count < 1:
         raise ValueError(f"replicates.count={count}: at least 1 (the product itself)")
     return [Replicate(index, int(cfg.seed) + index) for index in range(count)]

@@ -7,11 +7,22 @@ import base64
 import html
 import io
 import textwrap
+from dataclasses import dataclass
 
-from omegaconf import DictConfig
 from PIL import Image, ImageDraw, ImageFont
 
+from artmaster.config import Settings
+
 esc = html.escape
+
+
+@dataclass(frozen=True)
+class ReportSettings(Settings):
+    """`evaluate.report`: the pictures of grid.png and report.html."""
+
+    cell: int
+    grid_seeds: int
+    reference_shown: int
 
 STYLE = """
 body{font-family:sans-serif;margin:1.5em;color:#222;max-width:1400px}
@@ -152,8 +163,7 @@ def _grid(rows, plan, metrics: dict, cell: int) -> str:
     return "".join(parts) + "</table>"
 
 
-def _memorisation(rows, plan, train_crops, metrics: dict, settings: DictConfig, cell: int) -> str:
-    shown = int(settings.memorisation.pairs_shown)
+def _memorisation(rows, plan, train_crops, metrics: dict, shown: int, cell: int) -> str:
     candidates = sorted(((float(row.nearest_distance[r, i]), row, r, i) for row in rows
                          for r in range(len(row.images)) for i in range(len(plan))), key=lambda item: item[0])
     crops = dict(zip(*train_crops))
@@ -171,12 +181,12 @@ def _memorisation(rows, plan, train_crops, metrics: dict, settings: DictConfig, 
             "<th>pixel correlation</th></tr>" + "".join(table) + "</table>")
 
 
-def _references(reference, train_crops, roundtrip, settings: DictConfig, cell: int) -> str:
-    count = min(int(settings.report.reference_shown), len(reference[1]))
+def _references(reference, train_crops, roundtrip, settings: ReportSettings, cell: int) -> str:
+    count = min(settings.reference_shown, len(reference[1]))
     parts = [f"<h2>Style reference: held-out crops ({count} of {len(reference[1])} shown)</h2><p>",
              *(img(image, cell, name) for name, image in list(zip(*reference))[:count]), "</p>"]
     if roundtrip:
-        count = min(int(settings.report.reference_shown), len(roundtrip))
+        count = min(settings.reference_shown, len(roundtrip))
         parts.append(f"<h2>Training crops (top) and the same after the base VAE's encode + decode (bottom), "
                      f"{count} of {len(roundtrip)}</h2><table><tr>")
         parts += [f"<td>{img(image, cell, name)}<br>{img(decoded, cell)}</td>"
@@ -201,8 +211,10 @@ EXPLANATION = (
 )
 
 
-def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, settings: DictConfig) -> str:
-    cell = int(settings.report.cell)
+def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, settings: ReportSettings,
+                  pairs_shown: int) -> str:
+    """report.html; `pairs_shown`: the (generation, nearest training crop) pairs pictured."""
+    cell = settings.cell
     generation = metrics["generation"]
     ref = metrics["reference"]
     intro = (f"<p>Style reference: <b>{ref['heldout_crops']}</b> crops of the held-out scans "
@@ -222,7 +234,7 @@ def render_report(metrics: dict, rows, plan, reference, train_crops, roundtrip, 
         html_table(COMPARISON_COLUMNS, [comparison_cells(n, e) for n, e in metrics["comparisons"].items()]),
         f"<p class='small'>{esc(EXPLANATION)}</p>",
         _grid(rows, plan, metrics, cell),
-        _memorisation(rows, plan, train_crops, metrics, settings, cell),
+        _memorisation(rows, plan, train_crops, metrics, pairs_shown, cell),
         _references(reference, train_crops, roundtrip, settings, cell),
         f"<p class='small'>Prompt adherence: {esc(metrics['adherence_backend'])}. Computed on "
         f"{esc(metrics['runtime']['cpu'])} ({esc(metrics['runtime']['aten_cpu_capability'])} kernels, "

@@ -34,6 +34,7 @@ import json
 import logging
 import shutil
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -41,7 +42,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from artmaster import replicates
-from artmaster.config import hydra_entry, params_hash, round_entry, stage_dir
+from artmaster.augment_settings import AugmentSettings
+from artmaster.config import Settings, hydra_entry, params_hash, round_entry, stage_dir
 from artmaster.dataset import Example, scaled_size
 from artmaster.files import inside, read_jsonl, staged_dir, write_atomic
 from artmaster.replicates import Replicate
@@ -60,6 +62,21 @@ KEEP = {"continue": {"cache", "checkpoints", "samples"}, "differential": {"origi
 
 
 # --- config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RetrainSettings(Settings):
+    """The `retrain` section's switches (its `recipe` goes into train's section: `recipe_config`)."""
+
+    mode: str
+    round: int
+    publish: str
+    refined_repeats: int
+
+    @property
+    def publish_mode(self) -> str:
+        """auto | false | only (YAML reads an unquoted false as a boolean)."""
+        return self.publish.lower()
 
 
 def recipe_config(cfg: DictConfig) -> DictConfig:
@@ -82,16 +99,15 @@ def previous_dir(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
     return replicate.folder(Path(str(round_entry(cfg, r)["previous"])))
 
 
-def _check(cfg: DictConfig) -> None:
-    settings = cfg.retrain
+def _check(settings: RetrainSettings, rounds: int) -> None:
     if settings.mode not in MODES:
         raise ValueError(f"retrain.mode={settings.mode!r}: expected one of {', '.join(MODES)}")
-    if str(settings.publish).lower() not in PUBLISH:
+    if settings.publish_mode not in PUBLISH:
         raise ValueError(f"retrain.publish={settings.publish!r}: expected one of {', '.join(PUBLISH)}")
-    if int(settings.refined_repeats) < 1:
+    if settings.refined_repeats < 1:
         raise ValueError(f"retrain.refined_repeats={settings.refined_repeats} must be at least 1")
-    if not 0 <= int(settings.round) < int(cfg.augment.rounds):
-        raise ValueError(f"retrain.round={settings.round} must be in [0, augment.rounds={cfg.augment.rounds})")
+    if not 0 <= settings.round < rounds:
+        raise ValueError(f"retrain.round={settings.round} must be in [0, augment.rounds={rounds})")
 
 
 # --- inputs ---------------------------------------------------------------------------------------
@@ -140,23 +156,25 @@ def _folder_files(folder: Path) -> list[Path]:
     return [path for path in folder.rglob("*") if path.is_file() and path.suffix in (".safetensors", ".json")]
 
 
-def start_folder(cfg: DictConfig, r: int, replicate: Replicate) -> Path:
+def start_folder(cfg: DictConfig, mode: str, r: int, replicate: Replicate) -> Path:
     """What the round starts from: the peft AdaLoRA folder (continue) or the plain LoRA (differential)."""
-    return previous_dir(cfg, r, replicate) / ("adapter" if cfg.retrain.mode == "continue" else "lora")
+    return previous_dir(cfg, r, replicate) / ("adapter" if mode == "continue" else "lora")
 
 
-def round_fingerprint(cfg: DictConfig, r: int, pairs: list[dict], replicate: Replicate) -> str:
+def round_fingerprint(cfg: DictConfig, settings: RetrainSettings, r: int, pairs: list[dict],
+                      replicate: Replicate) -> str:
     """Everything a finished round depends on: mode, recipe, model, seed, the adapter it starts
     from, the accepted images and their prompts, the crops and captions."""
     recipe = OmegaConf.to_container(recipe_config(cfg).train, resolve=True)
     images = [augment_dir(cfg, r, replicate) / row["files"][key] for row in pairs for key in ("original", "accepted")]
+    start = start_folder(cfg, settings.mode, r, replicate)
     return params_hash({
-        "mode": str(cfg.retrain.mode),
-        "refined_repeats": int(cfg.retrain.refined_repeats),
+        "mode": settings.mode,
+        "refined_repeats": settings.refined_repeats,
         "train": resume_identity(recipe),
         "model": OmegaConf.to_container(cfg.model, resolve=True),
         "seed": cfg.seed,
-        "start": _digest(_folder_files(start_folder(cfg, r, replicate)), start_folder(cfg, r, replicate)),
+        "start": _digest(_folder_files(start), start),
         "pairs": [(row["sample_id"], row["prompt"]) for row in pairs],
         "images": _digest(images),
         "data": _digest([stage_dir(cfg, "crop") / "crops.jsonl", stage_dir(cfg, "caption") / "captions.jsonl"]),
@@ -209,19 +227,19 @@ def _copy_folder(source: Path, target: Path) -> None:
         shutil.copytree(source, staging, dirs_exist_ok=True)
 
 
-def _phase(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
+def _phase(cfg: DictConfig, mode: str, accelerator, out: Path, setup: TrainSetup, r: int, phase: str) -> dict:
     """One run of train's loop, in its own nested MLflow run (tagged with round, mode, phase)."""
     with stage_run(cfg, "retrain", sections=("retrain", "train", "model"), label=f"round {r} {phase}",
                    main=accelerator.is_main_process) as tracker:
-        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(cfg.retrain.mode),
+        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": mode,
                           "artmaster.retrain_phase": phase})
         tracker.log_params({"retrain.phase": phase, "round": r})
         return train(cfg, accelerator, out, setup)
 
 
-def _note(cfg: DictConfig, r: int, start: Path, pairs: int, crops: bool) -> str:
+def _note(mode: str, r: int, start: Path, pairs: int, crops: bool) -> str:
     what = f"{pairs} accepted refined image(s) of ArtAug round {r}" + (" plus the crops" if crops else "")
-    if cfg.retrain.mode == "continue":
+    if mode == "continue":
         return (f"**Retrained** by ArtMaster's `retrain` stage (round {r}, mode `continue`): the AdaLoRA adapter "
                 f"in `{start}` trained further on {what}.")
     return (f"**Retrained** by ArtMaster's `retrain` stage (round {r}, mode `differential`, ArtAug's differential "
@@ -231,20 +249,19 @@ def _note(cfg: DictConfig, r: int, start: Path, pairs: int, crops: bool) -> str:
             "exactly into this one LoRA.")
 
 
-def retrain_round(cfg: DictConfig, accelerator, r: int, replicate: Replicate) -> dict:
+def retrain_round(cfg: DictConfig, settings: RetrainSettings, accelerator, r: int, replicate: Replicate) -> dict:
     """Round r of one replicate (`cfg` is its config): skip when done with the same inputs, else
     (re)do it; returns its summary."""
-    settings = cfg.retrain
-    mode = str(settings.mode)
+    mode = settings.mode
     is_main = accelerator.is_main_process
     pairs_dir = augment_dir(cfg, r, replicate)
     out = round_dir(cfg, r, replicate)
-    start = start_folder(cfg, r, replicate)
+    start = start_folder(cfg, mode, r, replicate)
     if not start.is_dir():
         hint = "`artmaster train`" if r == 0 else f"`artmaster retrain retrain.round={r - 1}`"
         raise FileNotFoundError(f"{start}: retrain round {r} ({mode}) starts from this folder; run {hint} first")
     pairs = accepted_pairs(pairs_dir, r)
-    fingerprint = round_fingerprint(cfg, r, pairs, replicate)
+    fingerprint = round_fingerprint(cfg, settings, r, pairs, replicate)
     done = _finished(out / "metrics.json", fingerprint)
     if done is not None and (out / "lora").is_dir():
         log.info("retrain round %d: already done with the same inputs; kept %s", r, out)
@@ -254,7 +271,7 @@ def retrain_round(cfg: DictConfig, accelerator, r: int, replicate: Replicate) ->
         _prepare(out, KEEP[mode] if pairs else set())
     accelerator.wait_for_everyone()
     recipe = recipe_config(cfg)
-    repeats = int(settings.refined_repeats)
+    repeats = settings.refined_repeats
     summary = {"round": r, "mode": mode, "accepted_used": len(pairs), "refined_repeats": repeats,
                "start": str(start), "skipped": 0}
     previous = previous_dir(cfg, r, replicate)
@@ -268,24 +285,24 @@ def retrain_round(cfg: DictConfig, accelerator, r: int, replicate: Replicate) ->
         summary.update(skipped=1, kept_run=None)
     elif mode == "continue":
         setup = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "refined"), extra_repeats=repeats,
-                           init_adapter=start, note=_note(cfg, r, start, len(pairs), crops=True))
-        metrics = _phase(recipe, accelerator, out, setup, r, "continue")
+                           init_adapter=start, note=_note(mode, r, start, len(pairs), crops=True))
+        metrics = _phase(recipe, mode, accelerator, out, setup, r, "continue")
         summary.update(_loop_summary(metrics), kept_run=".")
     else:
         originals = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "original"), extra_repeats=repeats,
                                train_crops=False, fuse=(start,),
                                note=f"Differential round {r}, adapter 1: fitted on the original images (dropped).")
-        first = _phase(recipe, accelerator, out / "originals", originals, r, "originals")
+        first = _phase(recipe, mode, accelerator, out / "originals", originals, r, "originals")
         refined = TrainSetup(extra=pair_examples(pairs, pairs_dir, r, "refined"), extra_repeats=repeats,
                              train_crops=False, fuse=(start, out / "originals" / "lora"),
                              note=f"Differential round {r}, adapter 2 (kept): fitted on the refined images on top "
                                   f"of `{start}` and adapter 1, both fused into the base; use it together with "
                                   f"`{start}` (`{out / 'lora'}` holds both).")
-        metrics = _phase(recipe, accelerator, out / "refined", refined, r, "refined")
+        metrics = _phase(recipe, mode, accelerator, out / "refined", refined, r, "refined")
         summary.update(_loop_summary(metrics), kept_run="refined", originals_loss=first.get("loss"))
         if is_main:
             _write_sum(recipe, start, out / "refined" / "lora", out / "lora", summary,
-                       _note(cfg, r, start, len(pairs), crops=False))
+                       _note(mode, r, start, len(pairs), crops=False))
     if not is_main:
         return summary
     summary["fingerprint"] = fingerprint
@@ -329,13 +346,13 @@ def _write_sum(cfg: DictConfig, first: Path, second: Path, target: Path, summary
 # --- publishing the final round -------------------------------------------------------------------
 
 
-def publish(cfg: DictConfig) -> dict:
+def publish(cfg: DictConfig, settings: RetrainSettings, rounds: int) -> dict:
     """data/retrain/lora, metrics.json and loss.csv from the last round (and the same for every
     further replicate under data/retrain/replicates/), once every round is done with its current
     inputs."""
     metrics = {}
     for replicate, replicate_cfg in replicates.each(cfg):
-        published = publish_replicate(replicate_cfg, replicate)
+        published = publish_replicate(replicate_cfg, settings, rounds, replicate)
         if replicate.is_product:
             metrics = published
         else:
@@ -344,8 +361,7 @@ def publish(cfg: DictConfig) -> dict:
     return metrics
 
 
-def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
-    rounds = int(cfg.augment.rounds)
+def publish_replicate(cfg: DictConfig, settings: RetrainSettings, rounds: int, replicate: Replicate) -> dict:
     per_round = {}
     for r in range(rounds):
         path = round_dir(cfg, r, replicate) / "metrics.json"
@@ -356,7 +372,7 @@ def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
                                     f"retrain.round={r}`{stale_graph})")
         summary = json.loads(path.read_text(encoding="utf-8"))
         pairs = accepted_pairs(augment_dir(cfg, r, replicate), r)
-        if summary.get("fingerprint") != round_fingerprint(cfg, r, pairs, replicate):
+        if summary.get("fingerprint") != round_fingerprint(cfg, settings, r, pairs, replicate):
             raise ValueError(f"{path}: retrain round {r} was made from other inputs than the current ones (config, "
                              f"adapter or augment round {r}); re-run `artmaster retrain retrain.round={r}`")
         per_round[f"round_{r}"] = summary
@@ -365,7 +381,7 @@ def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
     _copy_folder(final / "lora", target / "lora")
     last = per_round[f"round_{rounds - 1}"]
     metrics = {k: v for k, v in last.items() if isinstance(v, (int, float))}
-    metrics.update(rounds=rounds, mode=str(cfg.retrain.mode),
+    metrics.update(rounds=rounds, mode=settings.mode,
                    accepted_used_total=sum(s["accepted_used"] for s in per_round.values()),
                    per_round={name: {k: s[k] for k in ("accepted_used", "skipped", "loss", "val_loss", "rank_total")
                                      if k in s}
@@ -374,7 +390,7 @@ def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
     loss = final / kept / "loss.csv" if kept else None
     write_atomic(target / "loss.csv", loss.read_text(encoding="utf-8") if loss and loss.is_file() else "step,loss\n")
     write_atomic(target / "metrics.json", json.dumps(metrics, indent=2))
-    print(f"retrain: published round {rounds - 1} of {rounds} ({cfg.retrain.mode}, {replicate.label}) as "
+    print(f"retrain: published round {rounds - 1} of {rounds} ({settings.mode}, {replicate.label}) as "
           f"{target / 'lora'}; accepted images used: {metrics['accepted_used_total']}"
           + (f", final loss {metrics['loss']:.4f}" if "loss" in metrics else " (round skipped)"))
     return metrics
@@ -386,15 +402,14 @@ def publish_replicate(cfg: DictConfig, replicate: Replicate) -> dict:
 def run(cfg: DictConfig) -> dict:
     """Retrain ArtAug round `retrain.round` (`retrain.mode`), then publish data/retrain/lora when it
     is the last round (`retrain.publish=auto`); `retrain.publish=only` publishes without training."""
-    _check(cfg)
-    settings = cfg.retrain
-    r = int(settings.round)
-    rounds = int(cfg.augment.rounds)
-    publish_mode = str(settings.publish).lower()
-    if publish_mode == "only":
+    settings = RetrainSettings.from_config(cfg.retrain)
+    rounds = AugmentSettings.from_config(cfg.augment).rounds
+    _check(settings, rounds)
+    r = settings.round
+    if settings.publish_mode == "only":
         with stage_run(cfg, "retrain", sections=("retrain", "augment"), label=f"publish round {rounds - 1}") as tracker:
-            metrics = publish(cfg)
-            tracker.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": str(settings.mode),
+            metrics = publish(cfg, settings, rounds)
+            tracker.set_tags({"artmaster.retrain_phase": "publish", "artmaster.retrain_mode": settings.mode,
                               "artmaster.round": str(rounds - 1)})
             log_summary(headline(metrics), details=metrics, folder=stage_dir(cfg, "retrain"),
                         note=f"Published round {rounds - 1} of {rounds} ({settings.mode}) as "
@@ -405,12 +420,12 @@ def run(cfg: DictConfig) -> dict:
     is_main = accelerator.is_main_process
     with stage_run(recipe_config(cfg), "retrain", sections=("retrain", "train", "model"), label=f"round {r}",
                    main=is_main) as tracker:
-        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": str(settings.mode),
+        tracker.set_tags({"artmaster.round": str(r), "artmaster.retrain_mode": settings.mode,
                           "artmaster.retrain_phase": "round"})
         summary = {}
         for replicate, replicate_cfg in replicates.each(cfg):
             with tracker.child("retrain", replicate.label) if not replicate.is_product else nullcontext(tracker) as replicate_run:
-                result = retrain_round(replicate_cfg, accelerator, r, replicate)
+                result = retrain_round(replicate_cfg, settings, accelerator, r, replicate)
                 if is_main:
                     folder = round_dir(cfg, r, replicate)
                     log_summary(headline(result), details=result, folder=folder,
@@ -423,8 +438,8 @@ def run(cfg: DictConfig) -> dict:
             else:
                 summary.setdefault("replicates", {})[replicate.label] = {
                     key: result[key] for key in ("accepted_used", "loss", "skipped") if key in result}
-        if is_main and publish_mode == "auto" and r == rounds - 1:
-            summary = {**summary, "published": publish(cfg)}
+        if is_main and settings.publish_mode == "auto" and r == rounds - 1:
+            summary = {**summary, "published": publish(cfg, settings, rounds)}
     return summary
 
 
