@@ -1,10 +1,12 @@
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from artmaster.compose import HEADER, render_params
-from artmaster.config import compose, conf_dir, project_root
+from artmaster.config import Settings, compose, conf_dir, project_root
 
 
 def test_params_yaml_is_up_to_date_with_conf():
@@ -61,3 +63,23 @@ def test_stage_help_shows_that_stage_and_its_options_only(capsys):
     assert main(["crop", "-h"]) == 0
     shown = capsys.readouterr().out
     assert "Options crop.*" in shown and "Options data.holdout.*" in shown and "max_per_scan: 6" in shown
+
+
+@dataclass(frozen=True)
+class _Sampler(Settings):
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+    guidance: float
+    every: int | None
+    entries: tuple = ()
+
+
+def test_settings_convert_values_and_list_entries_to_their_annotated_types():
+    section = OmegaConf.create({"prompts": [1984, "mist"], "seeds": [3, "4"], "guidance": 3, "every": None,
+                                "entries": [{"name": "a"}]})
+    settings = _Sampler.from_config(section)
+    assert settings.prompts == ("1984", "mist") and settings.seeds == (3, 4)
+    assert isinstance(settings.guidance, float) and settings.guidance == 3.0
+    assert settings.every is None and settings.entries[0].name == "a"
+    assert _Sampler.kinds("s") == {"s.guidance": "number", "s.every": "int"}
+    assert _Sampler.from_config(OmegaConf.create({"prompts": [], "seeds": [], "guidance": 1, "every": 2})).entries == ()

@@ -115,12 +115,14 @@ class Settings:
     @classmethod
     def from_config(cls, section: DictConfig):
         values = {}
-        for name, kind in _field_types(cls).items():
+        for name, (kind, item) in _field_types(cls).items():
             if name not in section:
                 continue  # the field's default
             value = section[name]
-            if value is not None:
-                value = kind.from_config(value) if issubclass(kind, Settings) else kind(value)
+            if value is not None and issubclass(kind, Settings):
+                value = kind.from_config(value)
+            elif value is not None:
+                value = kind(value) if item is None else kind(item(entry) for entry in value)
             values[name] = value
         return cls(**values)
 
@@ -129,7 +131,7 @@ class Settings:
         """key -> the kind `validate` checks (int, number, bool) for every such field, subsections'
         included, under the section `prefix`."""
         kinds = {}
-        for name, kind in _field_types(cls).items():
+        for name, (kind, _) in _field_types(cls).items():
             if issubclass(kind, Settings):
                 kinds |= kind.kinds(f"{prefix}.{name}")
             elif kind in _KIND_NAMES:
@@ -141,13 +143,16 @@ _KIND_NAMES = {bool: "bool", int: "int", float: "number"}
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, type]:
-    """field name -> the type its values are converted to: X for `X | None`, tuple for `tuple[...]`."""
+def _field_types(cls: type) -> dict[str, tuple[type, type | None]]:
+    """field name -> (the type its value is converted to, and its entries' for `tuple[X, ...]`):
+    X for `X | None`, (tuple, str) for `tuple[str, ...]`, (tuple, None) for a plain `tuple`."""
     types = {}
     for name, hint in typing.get_type_hints(cls).items():
         if typing.get_origin(hint) is UnionType:
             hint = next(option for option in typing.get_args(hint) if option is not type(None))
-        types[name] = typing.get_origin(hint) or hint
+        entries = typing.get_args(hint)
+        item = entries[0] if typing.get_origin(hint) is tuple and entries[1:] == (Ellipsis,) else None
+        types[name] = (typing.get_origin(hint) or hint, item)
     return types
 
 
