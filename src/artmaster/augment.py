@@ -231,10 +231,9 @@ def filter_verdict(style_gain: float, nearest_distance: float, nearest_crop: str
     return True, f"style gain {style_gain:+.3f} >= margin {margin}"
 
 
-def process_sample(sample: Sample, original: Image.Image, workers: Workers, generation: dict, cfg: DictConfig,
-                   out: Path, fingerprint: str) -> dict:
+def process_sample(sample: Sample, original: Image.Image, workers: Workers, generation: dict,
+                   settings: AugmentSettings, cfg: DictConfig, out: Path, fingerprint: str) -> dict:
     """Critique, refine and filter one sample's generated original; write its files, JSON last."""
-    settings = AugmentSettings.from_config(cfg.augment)
     edits: list[Edit] = workers.critic.critique(original, sample.prompt)
     refined = workers.refiner.refine(original, sample.prompt, sample.seed, edits, **generation) if edits else None
     extractor, model = workers.reference
@@ -344,7 +343,8 @@ def run(cfg: DictConfig) -> dict:
             with tracker.child("augment", replicate.label) if not replicate.is_product else nullcontext():
                 workers = Workers(replicate_cfg, adapter, training_reference, captions)
                 fingerprint = inputs_fingerprint(replicate_cfg, adapter, crops_file, captions_file)
-                result = augment_round(replicate_cfg, workers, replicate.folder(round_out), fingerprint, processes)
+                result = augment_round(replicate_cfg, settings, workers, replicate.folder(round_out), fingerprint,
+                                       processes)
             if replicate.is_product:
                 metrics = result
             elif processes.is_main:
@@ -353,9 +353,9 @@ def run(cfg: DictConfig) -> dict:
     return metrics
 
 
-def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str, processes: Processes) -> dict:
+def augment_round(cfg: DictConfig, settings: AugmentSettings, workers: Workers, out: Path, fingerprint: str,
+                  processes: Processes) -> dict:
     """The round for one adapter (`workers.adapter`), written into `out`; logged to the open run."""
-    settings = AugmentSettings.from_config(cfg.augment)
     adapter = workers.adapter
     if not adapter.is_dir() or not any(adapter.glob("*.safetensors")):
         previous = ("`artmaster train` first, or point augment.adapter at a diffusers LoRA folder"
@@ -380,7 +380,8 @@ def augment_round(cfg: DictConfig, workers: Workers, out: Path, fingerprint: str
             todo = [sample for sample in batch if done[sample.sample_id] is None]
             resumed += len(batch) - len(todo)
             for sample, original in zip(todo, workers.paint_originals(todo, generation) if todo else []):
-                done[sample.sample_id] = process_sample(sample, original, workers, generation, cfg, out, fingerprint)
+                done[sample.sample_id] = process_sample(sample, original, workers, generation, settings, cfg, out,
+                                                           fingerprint)
             mine.extend(done[sample.sample_id] for sample in batch)
             progress.update(len(batch))
     records = processes.gather(mine)

@@ -229,8 +229,9 @@ def encode_data(cfg: DictConfig, accelerator, setup: TrainSetup, out: Path) -> T
         if is_main:
             print(f"train: fused the LoRA in {folder} into the base ({modules} modules)")
     texts = [e.caption for e in examples + list(setup.extra)] + list(settings.samples.prompts)
-    with accelerator.main_process_first(), truncation_reported(pipe, texts, int(cfg.model.max_sequence_length),
-                                                               "train", report=is_main):
+    max_sequence_length = int(cfg.model.max_sequence_length)
+    with accelerator.main_process_first(), truncation_reported(pipe, texts, max_sequence_length, "train",
+                                                               report=is_main):
         encoded = build_cache(pipe, examples + list(setup.extra), list(settings.samples.prompts), out / "cache",
                               cfg.model, show_progress=is_main)
     if is_main:
@@ -244,7 +245,7 @@ def encode_data(cfg: DictConfig, accelerator, setup: TrainSetup, out: Path) -> T
         extra=[e for e in encoded.examples if e.sample_id in extra_ids],
         encodings=on_device(encoded.samples, accelerator.device, pipe.transformer.dtype),
         prompt_encodings=encoded.prompts,
-        max_sequence_length=int(cfg.model.max_sequence_length),
+        max_sequence_length=max_sequence_length,
         sample_files=encoded.sample_files,
     )
 
