@@ -22,15 +22,17 @@ update every step, a rank re-allocation every delta_t steps):
 - lever rows, each the recipe with one lever changed (Row.overrides): adalora_no_cudagraphs,
   adalora_fp32_branch (peft's fp32 branch, no shared GEMM, no CUDA graphs: the recipe before
   issue 14), adalora_unshared (no shared down-projection), adalora_half_ckpt (checkpointing of half
-  the blocks), adalora_b2 (batch 2: samples/s), base_floor (the frozen model alone, eager).
+  the blocks), adalora_b2 (batch 2: samples/s), base_floor (the frozen model alone, eager),
+  adalora_fp8 (the frozen base GEMMs in FP8, `train.fp8_base`, at each shape; its effect on
+  the loss curve: benchmarks/fp8_loss_curve.py).
 
 Rows run in the order of `rows_for` (most telling first) while --budget seconds remain, in one
 process: a row reuses the compiled blocks of an earlier row with the same levers and shape; --only
-KEY,... picks rows by `Row.key` (e.g. adalora-512x512-t128-ckpt). Model FLOPs per step count the
-frozen model's forward and input-gradient backward (no recompute; adaLN/norm and embedder linears
-act on one vector per sample, image-stream weights on image tokens, text-stream weights on text
-tokens, single blocks on all tokens; attention 4 L^2 d per layer forward, 3x that forward +
-backward); MFU divides them by the bf16 matmul rate measured in the same run. Prints a table with
+KEY,... picks rows by `Row.key` (e.g. adalora-512x512-t128-ckpt) and runs them in the order given.
+Model FLOPs per step count the frozen model's forward and input-gradient backward (no recompute;
+adaLN/norm and embedder linears act on one vector per sample, image-stream weights on image
+tokens, text-stream weights on text tokens, single blocks on all tokens; attention 4 L^2 d per
+layer forward, 3x that forward + backward); MFU divides them by the bf16 matmul rate measured in the same run. Prints a table with
 each row's speed-up over the reference at its shape, writes JSON after every row (a run cut short
 keeps what it measured).
 
@@ -54,7 +56,7 @@ from types import SimpleNamespace
 import torch
 from omegaconf import OmegaConf
 
-from artmaster import flux_math, lora_branch, models
+from artmaster import float8, flux_math, lora_branch, models
 from artmaster.adalora import adalora_schedule, target_modules_regex
 from artmaster.config import compose
 from artmaster.training.batches import keyed_generator, make_batch, on_device
@@ -120,6 +122,8 @@ def rows_for(sizes, text_lengths) -> list[Row]:
             overrides=("train.gradient_checkpointing_fraction=0.5",)),
         Row("adalora_b2", "adalora", square, short, batch=2),
         Row("base_floor", "base", square, short),
+        *(Row("adalora_fp8", "adalora", size, text, overrides=("train.fp8_base=true",),
+              profile=(size, text) == (square, short)) for size, text in shapes),
     ]
 
 
@@ -340,6 +344,27 @@ def profile_steps(step_fn, args, first: int, seconds: float, folder, key: str, s
             "kernels_per_step": len(kernels) / steps}
 
 
+def recipe_config(profile: dict, device_name: str, overrides: list[str]):
+    """`experiment=artmaster_flux` at the profile's size on the device: (cfg, torch device); fp32 on a CPU."""
+    cfg = compose(["experiment=artmaster_flux", *profile["overrides"], f"model.device={device_name}", *overrides])
+    device = torch.device(models.resolve_device(cfg.model))  # also keeps cuDNN SDPA off on CUDA
+    if device.type == "cpu" and cfg.model.dtype != "float32":
+        cfg.model.dtype = "float32"
+    return cfg, device
+
+
+def bare_transformer(cfg):
+    """The transformer with random weights, without text encoders (the stage caches encodings and
+    frees them), and the VAE's latent shift and scale the loss needs."""
+    pipe = models.build_random_pipeline(cfg.model, with_text_encoders=False)
+    vae = pipe.vae.config
+    vae_config = SimpleNamespace(shift_factor=vae.shift_factor, scaling_factor=vae.scaling_factor)
+    transformer = pipe.transformer
+    del pipe
+    gc.collect()
+    return transformer, vae_config
+
+
 def row_config(row: Row, base_cfg):
     """The recipe's config with the row's checkpointing and overrides."""
     import yaml
@@ -370,7 +395,8 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     accelerator = fresh_accelerator(mixed, device)
     unload, trainable, compiled, cudagraphs, state = None, 0, False, False, None
     if row.kind == "adalora":
-        state = build_training_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator)
+        state = build_training_state(cfg, transformer, ctx.vae_config, ctx.total_step, accelerator,
+                                     keep_original_base=True)
         unload, trainable = state.adapter.unload, sum(p.numel() for p in state.params)
         compiled, cudagraphs = state.compiled, state.cudagraphs
 
@@ -434,6 +460,7 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     # back to the bare transformer for the next row
     if unload is not None:
         unload()
+    float8.use_original_base(transformer)
     models.uncompile_blocks(transformer)
     accelerator.free_memory()
     del step_fn, state
@@ -517,18 +544,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="timed steps per row")
     parser.add_argument("--budget", type=float, default=330.0, help="seconds: no row starts after this")
     parser.add_argument("--recipe-steps", type=int, default=6000, help="optimizer steps of the recipe")
-    parser.add_argument("--only", help="comma-separated row keys to run (default: all), e.g. "
+    parser.add_argument("--only", help="comma-separated row keys to run, in this order (default: all), e.g. "
                         "reference-512x512-t128,adalora-512x512-t128")
     parser.add_argument("--profile-dir", help="write the profiled rows' top kernels here")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides")
     args = parser.parse_args()
     began = time.perf_counter()
     profile = PROFILES[args.profile]
-    cfg = compose(["experiment=artmaster_flux", *profile["overrides"], f"model.device={args.device}",
-                   *args.overrides])
-    device = torch.device(models.resolve_device(cfg.model))  # also keeps cuDNN SDPA off on CUDA
-    if device.type == "cpu" and cfg.model.dtype != "float32":
-        cfg.model.dtype = "float32"
+    cfg, device = recipe_config(profile, args.device, args.overrides)
     torch._dynamo.config.recompile_limit = 64  # rows recompile the same blocks many times over
     short = int(cfg.model.max_sequence_length)
     text_lengths = [short if t is None else t for t in profile["text"]]
@@ -537,11 +560,7 @@ def main() -> None:
     tinit, _ = adalora_schedule(cfg.train.adalora, args.recipe_steps)
 
     rate = matmul_tflops(device)
-    pipe = models.build_random_pipeline(cfg.model, with_text_encoders=False)
-    transformer = pipe.transformer
-    vae_config = SimpleNamespace(shift_factor=pipe.vae.config.shift_factor, scaling_factor=pipe.vae.config.scaling_factor)
-    del pipe
-    gc.collect()
+    transformer, vae_config = bare_transformer(cfg)
     params = sum(p.numel() for p in transformer.parameters())
     ctx = SimpleNamespace(cfg=cfg, device=device, transformer=transformer, vae_config=vae_config,
                           total_step=args.recipe_steps, tinit=tinit, matmul_tflops=rate, profile_dir=args.profile_dir)
@@ -551,7 +570,8 @@ def main() -> None:
         unknown = set(wanted) - {row.key for row in plan}
         if unknown:
             raise SystemExit(f"--only: no row {sorted(unknown)}; rows: {[row.key for row in plan]}")
-        plan = [row for row in plan if row.key in wanted]
+        by_key = {row.key: row for row in plan}
+        plan = [by_key[key] for key in wanted]  # in the order given: what matters most first
     import diffusers
     import peft
 
@@ -586,6 +606,7 @@ def main() -> None:
 
             traceback.print_exc()
             report["errors"].append(f"{row.key}: {type(error).__name__}: {error}"[:2000])
+            float8.use_original_base(transformer)
             models.uncompile_blocks(transformer)
             gc.collect()
             if device.type == "cuda":

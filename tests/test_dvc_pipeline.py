@@ -126,7 +126,7 @@ LAYERS = {
     "tools": ["cli", "score", "results", "sweep"],
     "roles": ["critic", "refine", "report", "judge", "adherence"],
     "training": ["training"],
-    "models": ["models", "generate", "adalora", "lora_branch", "flux_math", "vlm", "metrics", "processes", "replicates"],
+    "models": ["models", "generate", "adalora", "lora_branch", "float8", "flux_math", "vlm", "metrics", "processes", "replicates"],
     "data": ["dataset", "augment_settings", "caption_words", "imagestats", "painter"],
     "plumbing": ["config", "runtime", "files", "tracking"],
 }

@@ -67,3 +67,15 @@ def test_template_caption_words_are_whole_tokens_and_sample_prompts_fit_the_sequ
         assert t5.convert_ids_to_tokens(t5(word, add_special_tokens=False).input_ids) == ["\u2581" + word], word
     for prompt in cfg.base.samples.prompts:
         assert len(t5(prompt).input_ids) <= cfg.model.max_sequence_length, prompt
+
+
+def test_gpu_memory_peak_is_reported_only_by_processes_that_used_cuda(monkeypatch):
+    """Stages add it to metrics.json: nothing on the CPU (CI's outputs stay as they were), the
+    CUDA allocator's peak in GB where the stage ran on a GPU."""
+    from artmaster.models import gpu_memory_peak
+
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert gpu_memory_peak() == {}
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *device: 32_726_923_776)
+    assert gpu_memory_peak() == {"peak_gpu_memory_gb": 32.73}

@@ -43,6 +43,7 @@ from artmaster.dataset import TRAIN, GenerationSettings, split_rows
 from artmaster.files import image_grid, read_jsonl, save_image_atomic, write_atomic
 from artmaster.generate import generate_images, load_adapter
 from artmaster.metrics import StyleFeatureExtractor, StyleModel
+from artmaster.models import gpu_memory_peak
 from artmaster.processes import Processes
 from artmaster.tracking import active, log_summary, stage_run
 
@@ -392,7 +393,8 @@ def augment_round(cfg: DictConfig, settings: AugmentSettings, workers: Workers, 
         log.info("augment: %d of %d samples were already done and kept", resumed, len(plan))
     tracker = active()
     write_atomic(out / "samples.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-    metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name)}
+    metrics = {**summarise(records, settings), "critic": str(cfg.critic.name), "refiner": str(cfg.refine.name),
+               **gpu_memory_peak()}
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2))
     if records:
         pictures = []

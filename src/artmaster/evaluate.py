@@ -51,6 +51,7 @@ from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
 from artmaster.metrics import ModelSettings, StyleFeatureExtractor, StyleModel
+from artmaster.models import gpu_memory_peak
 from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, paired_effect
 from artmaster.metrics.transfer import METHODS, colour_matcher
 from artmaster.processes import Processes
@@ -464,6 +465,7 @@ def run(cfg: DictConfig) -> dict:
         metrics = measure_all(cfg, settings, rows, plan, reference, [str(r["scan_id"]) for r in heldout_rows],
                               train_crops, roundtrip)
         metrics["seconds"] = {"generation": round(generation_seconds, 1)}
+        metrics.update(gpu_memory_peak())
         with staged_dir(out_dir / "report") as staging:
             write_report(staging, settings, metrics, rows, plan, reference, train_crops, roundtrip)
             metrics["seconds"]["total"] = round(time.perf_counter() - started, 1)

@@ -175,6 +175,14 @@ def resolve_device(model_cfg: DictConfig) -> str:
     return str(model_cfg.device)
 
 
+def gpu_memory_peak() -> dict[str, float]:
+    """{"peak_gpu_memory_gb": ...}: the most CUDA memory this process's tensors held on its current
+    device, for a stage's metrics.json; {} in a process that never used CUDA (and on the CPU)."""
+    if not torch.cuda.is_initialized():
+        return {}
+    return {"peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)}
+
+
 def pipeline_source(model_cfg: DictConfig) -> str:
     """The local folder (or cache repo id) that `load_pipeline` reads."""
     if model_cfg.path:

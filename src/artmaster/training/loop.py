@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from artmaster.dataset import Example, load_examples
 from artmaster.files import captioned, remove_folder, write_atomic
+from artmaster.models import gpu_memory_peak
 from artmaster.tracking import active
 from artmaster.training.batches import (held_out_ids, keyed_generator, make_batch, on_device, optimizer_steps,
                                         process_batches)
@@ -197,8 +198,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds)
     if rate.steady is not None:
         metrics["steady_steps_per_second"] = rate.steady
-    if accelerator.device.type == "cuda":
-        metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated(accelerator.device) / 1e9
+    metrics.update(gpu_memory_peak())
     metrics["rank_checksums"] = checksums
     if setup != TrainSetup():
         metrics["extra_examples"] = len(data.extra)

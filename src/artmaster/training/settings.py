@@ -80,3 +80,4 @@ class TrainSettings(Settings):
     validation: ValidationSettings
     gradient_checkpointing_fraction: float = 1.0
     cudagraphs: bool = False
+    fp8_base: bool = False

@@ -104,13 +104,16 @@ class TrainingState:
         return [param for _, param in self.named_params]
 
 
-def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: int, accelerator) -> TrainingState:
+def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: int, accelerator,
+                         keep_original_base: bool = False) -> TrainingState:
     """AdaLoRA around the transformer, fp32 adapter tensors, AdamW, lr schedule, allocator, EMA;
-    on CUDA the levers of docs/performance.md (LoRA branch, compiled blocks, CUDA graphs)."""
+    on CUDA the levers of docs/performance.md (LoRA branch, FP8 base GEMMs, compiled blocks, CUDA
+    graphs). `keep_original_base`: with `train.fp8_base`, keep the base weights restorable
+    (`float8.use_original_base`), for callers that train several setups on one transformer."""
     from accelerate.utils import set_seed
     from diffusers.optimization import get_scheduler
 
-    from artmaster import lora_branch
+    from artmaster import float8, lora_branch
     from artmaster.adalora import FastRankAllocator, set_input_casting, wrap_with_adalora
     from artmaster.models import enable_checkpointing
 
@@ -129,6 +132,9 @@ def build_training_state(cfg: DictConfig, transformer, vae_config, total_step: i
     optim = settings.optim
     on_cuda = all(param.is_cuda for _, param in named_params)
     lora_branch.configure(adapter, section.get("lora_branch"), on_cuda)
+    if settings.fp8_base:
+        _check_fp8_device(on_cuda)
+        float8.use_float8_base(adapter, keep_original=keep_original_base)
     compiled, cudagraphs = compile_for_training(cfg, transformer, on_cuda)
     fused = on_cuda if section.optim.fused == "auto" else bool(section.optim.fused)
     optimizer = torch.optim.AdamW(
@@ -168,6 +174,14 @@ def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[b
         mode = "reduce-overhead" if cudagraphs else (None if setting is True else str(setting))
         compile_blocks(transformer, dynamic=False, **({"mode": mode} if mode else {}))
     return compiled, cudagraphs
+
+
+def _check_fp8_device(on_cuda: bool) -> None:
+    """FP8 GEMMs need compute capability 8.9 (Ada, Hopper, Blackwell); the CPU runs them too (slowly)."""
+    if on_cuda and torch.cuda.get_device_capability() < (8, 9):
+        raise ValueError(f"train.fp8_base=true: {torch.cuda.get_device_name()} (compute capability "
+                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}) has no FP8 matmul; "
+                         "it needs 8.9 or newer (Ada, Hopper, Blackwell). Set train.fp8_base=false.")
 
 
 def _direct_orthogonal(mode: str, on_cuda: bool) -> bool:
