@@ -32,9 +32,9 @@ KEY,... picks rows by `Row.key` (e.g. adalora-512x512-t128-ckpt) and runs them i
 Model FLOPs per step count the frozen model's forward and input-gradient backward (no recompute;
 adaLN/norm and embedder linears act on one vector per sample, image-stream weights on image
 tokens, text-stream weights on text tokens, single blocks on all tokens; attention 4 L^2 d per
-layer forward, 3x that forward + backward); MFU divides them by the bf16 matmul rate measured in the same run. Prints a table with
-each row's speed-up over the reference at its shape, writes JSON after every row (a run cut short
-keeps what it measured).
+layer forward, 3x that forward + backward); MFU divides them by the bf16 matmul rate measured in
+the same run. Prints a table with each row's speed-up over the reference at its shape, writes JSON
+after every row (a run cut short keeps what it measured).
 
     python benchmarks/train_step.py --json train_step.json                 # one GPU, FLUX.1-dev size
     python benchmarks/train_step.py --only reference-512x512-t128,adalora-512x512-t128 --profile-dir prof
@@ -107,7 +107,7 @@ def rows_for(sizes, text_lengths) -> list[Row]:
         *(Row("adalora", "adalora", size, text, recipe=True, profile=(size, text) == (square, short))
           for size, text in shapes),
         *(Row("reference", "reference", size, text, checkpointing=True) for size, text in shapes),
-        Row("lora", "lora", square, short),
+        Row("lora", "lora", square, short, profile=True),  # AdaLoRA's extra kernel time against its extra host time
         Row("reference_418", "reference", square, short, example_targets=False),
         Row("reference_418", "reference", square, short, checkpointing=True, example_targets=False),
         Row("adalora_no_cudagraphs", "adalora", square, short, overrides=no_graphs),
