@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers.tiny_model import random_encodings
 
 from artmaster import float8, models
 from artmaster.config import ConfigError
@@ -94,20 +95,11 @@ def test_conversion_refuses_trained_or_misaligned_layers_and_undoes_exactly():
         float8.from_float8(gone)
 
 
-def _encodings(cfg) -> dict:
-    arch = cfg.model.architecture.transformer
-    g = torch.Generator().manual_seed(0)
-    return {f"s{i}": {"latent_mean": torch.randn(16, 8, 8, generator=g), "latent_std": torch.full((16, 8, 8), 0.05),
-                      "prompt_embeds": torch.randn(8, arch.joint_attention_dim, generator=g),
-                      "pooled_prompt_embeds": torch.randn(arch.pooled_projection_dim, generator=g)}
-            for i in range(2)}
-
-
 def test_fp8_base_trains_every_adapted_layer_close_to_the_full_precision_base(make_cfg):
     """`train.fp8_base=true`: every adapted layer's base GEMMs run in FP8; three optimizer steps
     give finite losses near the full-precision run's, the same adapter tensors are trained, and
     the base comes back bit for bit when kept."""
-    encodings = _encodings(make_cfg())
+    encodings = random_encodings(make_cfg())
     runs = {}
     for fp8 in (False, True):
         cfg = make_cfg("experiment=demo", f"train.fp8_base={str(fp8).lower()}")

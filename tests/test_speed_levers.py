@@ -9,6 +9,7 @@ import torch
 import torch.utils._python_dispatch
 import torch.utils.checkpoint
 from accelerate import Accelerator
+from helpers.tiny_model import random_encodings, random_inputs
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from artmaster import flux_math, lora_branch, models
@@ -19,30 +20,13 @@ from artmaster.training.state import FlowSettings, _direct_orthogonal, build_tra
 from artmaster.training.step import training_step
 
 
-def _inputs(cfg, batch: int = 2, text: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
-    arch = cfg.model.architecture.transformer
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "latent_mean": torch.randn(batch, 16, 8, 8, generator=g),
-        "prompt_embeds": torch.randn(batch, text, arch.joint_attention_dim, generator=g),
-        "pooled_prompt_embeds": torch.randn(batch, arch.pooled_projection_dim, generator=g),
-    }
-
-
-def _encodings(cfg) -> dict:
-    x = _inputs(cfg)
-    return {f"s{i}": {"latent_mean": x["latent_mean"][i], "latent_std": torch.full((16, 8, 8), 0.05),
-                      "prompt_embeds": x["prompt_embeds"][i], "pooled_prompt_embeds": x["pooled_prompt_embeds"][i]}
-            for i in range(2)}
-
-
 def _state(cfg):
     pipe = models.build_random_pipeline(cfg.model, with_text_encoders=False)
     return build_training_state(cfg, pipe.transformer, pipe.vae.config, 20, Accelerator(cpu=True))
 
 
 def test_direct_orthogonal_gradient_trains_like_the_autograd_term(make_cfg):
-    encodings = _encodings(make_cfg())
+    encodings = random_encodings(make_cfg())
     results = {}
     for mode in ("autograd", "direct"):
         cfg = make_cfg("experiment=demo", f"train.adalora.orth_gradient={mode}")
@@ -71,7 +55,7 @@ def test_skipping_peft_input_casts_under_bf16_autocast_changes_nothing(make_cfg)
     """bf16 base weights, fp32 adapters, bf16 autocast (the GPU recipe): peft's fp32 copy of each
     adapted input is cast straight back by autocast, so dropping it gives bitwise the same step."""
     cfg = make_cfg("experiment=demo", "model.dtype=bfloat16")
-    x = _inputs(cfg)
+    x = random_inputs(cfg)
     results = []
     for casting in (True, False):
         transformer = models.build_random_pipeline(cfg.model, with_text_encoders=False).transformer
@@ -107,7 +91,7 @@ def test_bf16_weights_without_autocast_train_fp32_adapters(make_cfg):
     assert layers and all(m.cast_input_dtype_enabled for m in layers)
     assert {p.dtype for p in state.params} == {torch.float32}
     before = [p.detach().clone() for p in state.params]
-    batch = make_batch(on_device(_encodings(cfg), "cpu", torch.bfloat16), ["s0", "s1"])
+    batch = make_batch(on_device(random_encodings(cfg), "cpu", torch.bfloat16), ["s0", "s1"])
     for step in (1, 2):  # step 1 runs at the warm-up's lr 0
         out = training_step(state, [batch], step, [keyed_generator(0, step)])
         assert torch.isfinite(out["loss"]) and float(out["grad_norm"]) > 0
@@ -154,7 +138,7 @@ def test_fused_adapter_predicts_what_the_loaded_adapter_predicts(make_cfg, tmp_p
                 ranks[name] = 4
     save_lora(ExportedLora(lora_A, lora_B, ranks, out_features), tmp_path / "lora", base_model="tiny",
               trigger="zxh", metadata={}, kohya=False)
-    x = _inputs(cfg)
+    x = random_inputs(cfg)
     outputs = {}
     for fuse in (None, False, True):
         pipe = models.build_random_pipeline(cfg.model)
@@ -207,7 +191,7 @@ def _adalora(cfg, seed: int = 0):
 
 def _forward_backward(adapter, cfg, dtype=torch.float32):
     """Prediction and the adapters' gradients for one fixed batch."""
-    x = _inputs(cfg)
+    x = random_inputs(cfg)
     prediction = flux_math.predict_velocity(
         adapter, flux_math.pack_latents(x["latent_mean"]).to(dtype), torch.tensor([0.3, 0.7]),
         prompt_embeds=x["prompt_embeds"].to(dtype), pooled_prompt_embeds=x["pooled_prompt_embeds"].to(dtype),
@@ -287,7 +271,7 @@ def test_the_fast_branch_trains_like_peft_and_exports_exactly(make_cfg):
     peft's losses and adapters up to rounding; the exported plain LoRA predicts what the adapter does."""
     from artmaster.adalora import export_lora, fuse_lora_
 
-    encodings = _encodings(make_cfg())
+    encodings = random_encodings(make_cfg())
     results = {}
     for branch in ("float32", "model"):
         cfg = make_cfg("experiment=demo", f"train.lora_branch.precision={branch}",
@@ -305,7 +289,7 @@ def test_the_fast_branch_trains_like_peft_and_exports_exactly(make_cfg):
         assert torch.allclose(value, params_f[name], rtol=1e-4, atol=1e-6), name
     cfg = make_cfg("experiment=demo")
     exported = export_lora(state.adapter)
-    x = _inputs(cfg)
+    x = random_inputs(cfg)
 
     def predict(model):
         with torch.no_grad():

@@ -51,9 +51,9 @@ from artmaster.files import read_jsonl, staged_dir, write_atomic
 from artmaster.generate import adapter_applied, generate_images
 from artmaster.judge import JudgeSettings, cross_fitted_scores
 from artmaster.metrics import ModelSettings, StyleFeatureExtractor, StyleModel
-from artmaster.models import gpu_memory_peak
 from artmaster.metrics.stats import Interval, clustered_auc, clustered_mean, paired_effect
 from artmaster.metrics.transfer import METHODS, colour_matcher
+from artmaster.models import gpu_memory_peak
 from artmaster.processes import Processes
 from artmaster.replicates import ReplicatesSettings
 from artmaster.report import ReportSettings, draw_grid, markdown_summary, render_report

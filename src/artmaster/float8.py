@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import torch
 
+from artmaster.lora_branch import adapted_linears
+
 WEIGHT_DTYPE = torch.float8_e4m3fn  # weights and inputs: more mantissa
 GRAD_DTYPE = torch.float8_e5m2  # gradients: more range
 ALIGNMENT = 16  # torch._scaled_mm wants both dimensions of the weight divisible by 16
@@ -104,10 +106,7 @@ def from_float8(linear: Float8FrozenLinear) -> None:
 
 def frozen_base_layers(peft_model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The frozen Linear under every adapted layer: where a LoRA step's GEMM FLOPs are."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    return [module.get_base_layer() for module in peft_model.modules()
-            if isinstance(module, BaseTunerLayer) and isinstance(module.get_base_layer(), torch.nn.Linear)]
+    return [layer.get_base_layer() for _, layer in adapted_linears(peft_model)]
 
 
 def use_float8_base(peft_model: torch.nn.Module, keep_original: bool = False) -> int:

@@ -111,7 +111,8 @@ def _fast_class(cls: type) -> type:
     return _FAST_CLASSES[cls]
 
 
-def _adapted_linears(peft_model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+def adapted_linears(peft_model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """(name, layer) of every adapted (AdaLoRA or LoRA) layer whose base is a Linear."""
     return [(name, module) for name, module in peft_model.named_modules()
             if isinstance(module, (AdaLoraLayer, LoraLayer)) and isinstance(module.get_base_layer(), torch.nn.Linear)]
 
@@ -121,7 +122,7 @@ def use_fast_branch(peft_model: torch.nn.Module, *, dtype: torch.dtype | None = 
     from its parameters as they are (fp32 master weights), without casting the input to the
     adapter's dtype; with `shared_down`, layers that read one tensor (SHARED_INPUTS) share one
     down-projection GEMM. Returns the number of layers switched."""
-    layers = _adapted_linears(peft_model)
+    layers = adapted_linears(peft_model)
     for _, layer in layers:
         cls = getattr(type(layer), "_peft_class", type(layer))
         layer.__class__ = _fast_class(cls)
@@ -137,7 +138,7 @@ def use_fast_branch(peft_model: torch.nn.Module, *, dtype: torch.dtype | None = 
 
 def use_peft_branch(peft_model: torch.nn.Module) -> None:
     """Undo `use_fast_branch`: peft's own forward again."""
-    for _, layer in _adapted_linears(peft_model):
+    for _, layer in adapted_linears(peft_model):
         cls = getattr(type(layer), "_peft_class", None)
         if cls is not None:
             layer.__class__ = cls

@@ -178,9 +178,10 @@ def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[b
 
 def _check_fp8_device(on_cuda: bool) -> None:
     """FP8 GEMMs need compute capability 8.9 (Ada, Hopper, Blackwell); the CPU runs them too (slowly)."""
-    if on_cuda and torch.cuda.get_device_capability() < (8, 9):
+    capability = torch.cuda.get_device_capability() if on_cuda else None
+    if capability is not None and capability < (8, 9):
         raise ValueError(f"train.fp8_base=true: {torch.cuda.get_device_name()} (compute capability "
-                         f"{'.'.join(map(str, torch.cuda.get_device_capability()))}) has no FP8 matmul; "
+                         f"{'.'.join(map(str, capability))}) has no FP8 matmul; "
                          "it needs 8.9 or newer (Ada, Hopper, Blackwell). Set train.fp8_base=false.")
 
 
