@@ -65,8 +65,7 @@ progress() {  # the stage running now and its newest progress-bar line
   [ -n "$stage" ] && echo "$(basename "$stage" .log): $(tr '\r' '\n' < "$stage" | grep -a "it/s\|s/it\|step" | tail -1 | cut -c1-150)"
 }
 
-summary() {
-  pkill -f "nvidia-smi --query-gpu" 2>/dev/null
+summary() {  # the stages ended so far; a machine lost before the next call still returns them
   cp "$WORK"/*.log "$WORK/times.tsv" "$OUT/" 2>/dev/null
   [ -f "$WORK/smi.csv" ] && cp "$WORK/smi.csv" "$OUT/"
   for stage in train augment retrain evaluate; do
@@ -82,8 +81,9 @@ watch() {
     sleep 20
     echo "$(( $(date +%s) - $(cat "$WORK/started") )) s: $(progress)"
   done
-  if [ -f "$WORK/ended" ]; then echo "ended"; summary
-  else echo "still running after $(( $(date +%s) - $(cat "$WORK/started") )) s"; cp "$WORK/times.tsv" "$OUT/" 2>/dev/null; fi
+  if [ -f "$WORK/ended" ]; then echo "ended"; pkill -f "nvidia-smi --query-gpu" 2>/dev/null
+  else echo "still running after $(( $(date +%s) - $(cat "$WORK/started") )) s"; fi
+  [ -f "$WORK/times.tsv" ] && summary
 }
 
 case "${1:-}" in
