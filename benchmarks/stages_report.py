@@ -1,6 +1,8 @@
 """The per-stage table of benchmarks/stages_gpu.sh: wall time, exit code and peak GPU memory of
 each stage, as the stage's metrics.json reports it (what its tensors held) and as nvidia-smi saw the
-GPU while it ran (the allocator's reserve and the CUDA context too).
+GPU while it ran (the allocator's reserve and the CUDA context too); for train and retrain also the
+loop's pauses (validation and samples, checkpoints), so a stage's wall time splits into start-up,
+steps, pauses and export.
 
     python benchmarks/stages_report.py WORK/times.tsv OUT WORK/smi.csv
 """
@@ -44,6 +46,8 @@ def summarise(rows: list[dict], out: Path, samples: list[tuple[float, float]]) -
         row["peak_gpu_memory_gb"] = values.get("peak_gpu_memory_gb")
         steady = values.get("steady_steps_per_second")
         row["steady_steps_per_second"] = round(steady, 2) if steady is not None else None
+        for pause in ("evaluation_seconds", "checkpoint_seconds"):  # the training loop's (train, retrain)
+            row[pause] = round(values[pause], 1) if pause in values else None
         seen = [mib for stamp, mib in samples if row["begin"] <= stamp <= row["end"]]
         row["nvidia_smi_peak_gb"] = round(max(seen) * 2**20 / 1e9, 1) if seen else None
     return rows
@@ -56,11 +60,12 @@ def main() -> None:
     parser.add_argument("smi", type=Path)
     args = parser.parse_args()
     rows = summarise(stage_rows(args.times), args.out, smi_samples(args.smi))
-    print("| stage | rc | wall (s) | peak allocated (GB, metrics.json) | peak seen by nvidia-smi (GB) | steady steps/s |")
-    print("|---|---|---|---|---|---|")
+    print("| stage | rc | wall (s) | peak allocated (GB, metrics.json) | peak seen by nvidia-smi (GB) | steady steps/s "
+          "| validation + samples (s) | checkpoints (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [row["stage"], row["rc"], row["seconds"], row["peak_gpu_memory_gb"], row["nvidia_smi_peak_gb"],
-                 row["steady_steps_per_second"]]
+                 row["steady_steps_per_second"], row["evaluation_seconds"], row["checkpoint_seconds"]]
         print("| " + " | ".join("-" if cell is None else str(cell) for cell in cells) + " |")
     (args.out / "stages.json").write_text(json.dumps(rows, indent=2), encoding="utf-8")
 

@@ -319,7 +319,8 @@ def headline(metrics: dict) -> dict:
 
 def _loop_summary(metrics: dict) -> dict:
     keys = ("loss", "mse", "val_loss", "val_loss_first", "active_rank", "steps", "examples", "extra_examples",
-            "crops_trained", "rank_total", "steps_per_second", "steady_steps_per_second", "peak_gpu_memory_gb")
+            "crops_trained", "rank_total", "steps_per_second", "steady_steps_per_second", "evaluation_seconds",
+            "checkpoint_seconds", "peak_gpu_memory_gb")
     return {key: metrics[key] for key in keys if key in metrics}
 
 

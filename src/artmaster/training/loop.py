@@ -148,7 +148,7 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
     # 4. loop over optimizer steps
     watch = NonFiniteWatch(device)
     window: list[dict[str, torch.Tensor]] = []
-    evaluation_seconds, loop_start = 0.0, time.perf_counter()
+    evaluation_seconds, checkpoint_seconds, loop_start = 0.0, 0.0, time.perf_counter()
     samples_dir = out / "samples"
     if is_main and start_step == 0:
         evaluation_seconds += _evaluate(settings.samples, state, data, vset, 0, samples_dir, history)
@@ -183,8 +183,12 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
             watch.check(accelerator, last_checkpoint)
             rng_by_rank = _gather(accelerator, rng_states())
             if is_main:
+                started = time.perf_counter()
                 last_checkpoint = save_checkpoint(checkpoints, state, step, step * plan.accumulation, fingerprint,
                                                   history, rng_by_rank, settings.checkpoint.keep)
+                seconds = time.perf_counter() - started
+                checkpoint_seconds += seconds
+                rate.exclude(seconds)
     loop_seconds = time.perf_counter() - loop_start
 
     # 5. every rank must hold the same adapter (DDP + allocator masks agree); export
@@ -195,7 +199,8 @@ def train(cfg: DictConfig, accelerator, out: Path, setup: TrainSetup | None = No
         return {}
     metrics = _final_metrics(history, plan.total_step - start_step, loop_seconds - evaluation_seconds,
                              plan.total_step, len(data.examples))
-    metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds)
+    metrics.update(wall_seconds=loop_seconds, evaluation_seconds=evaluation_seconds,
+                   checkpoint_seconds=checkpoint_seconds)
     if rate.steady is not None:
         metrics["steady_steps_per_second"] = rate.steady
     metrics.update(gpu_memory_peak())

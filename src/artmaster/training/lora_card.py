@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 # metrics.json hold them, the exported LoRA never (its bytes stay a function of the recipe, so DVC
 # sees nothing new downstream)
 TIMINGS = ("steps_per_second", "steady_steps_per_second", "wall_seconds", "evaluation_seconds",
-           "peak_gpu_memory_gb")
+           "checkpoint_seconds", "peak_gpu_memory_gb")
 
 
 def lora_metrics(metrics: dict) -> dict:
