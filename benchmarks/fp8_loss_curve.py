@@ -33,7 +33,7 @@ from types import SimpleNamespace
 
 import torch
 from train_step import (PROFILES, Row, bare_transformer, encodings_for, fresh_accelerator, recipe_config, row_config,
-                        sync)
+                        sync, undo_levers)
 
 from artmaster import float8, models
 from artmaster.training.batches import keyed_generator, make_batch
@@ -84,8 +84,7 @@ def train_curve(name: str, cfg, ctx: SimpleNamespace, steps: int, validate_every
         "update": torch.cat([(param.detach().cpu() - start).flatten() for param, start in zip(state.params, initial)]),
     }
     state.adapter.unload()
-    float8.use_original_base(transformer)
-    models.uncompile_blocks(transformer)
+    undo_levers(transformer)
     accelerator.free_memory()
     state = vset = None  # the optimizer's and allocator's tensors go before the next run builds its own
     gc.collect()

@@ -365,6 +365,13 @@ def bare_transformer(cfg):
     return transformer, vae_config
 
 
+def undo_levers(transformer) -> None:
+    """Undo what building a training state did to the transformer's own modules (the FP8 base,
+    the compiled blocks), so the next row or run starts from the bare transformer."""
+    float8.use_original_base(transformer)
+    models.uncompile_blocks(transformer)
+
+
 def row_config(row: Row, base_cfg):
     """The recipe's config with the row's checkpointing and overrides."""
     import yaml
@@ -460,8 +467,7 @@ def run_row(row: Row, ctx: SimpleNamespace, warmup: int, steps: int, count_syncs
     # back to the bare transformer for the next row
     if unload is not None:
         unload()
-    float8.use_original_base(transformer)
-    models.uncompile_blocks(transformer)
+    undo_levers(transformer)
     accelerator.free_memory()
     del step_fn, state
     gc.collect()
@@ -606,8 +612,7 @@ def main() -> None:
 
             traceback.print_exc()
             report["errors"].append(f"{row.key}: {type(error).__name__}: {error}"[:2000])
-            float8.use_original_base(transformer)
-            models.uncompile_blocks(transformer)
+            undo_levers(transformer)
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
