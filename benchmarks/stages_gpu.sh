@@ -8,7 +8,10 @@
 #   DATA_DIR=/path/with/crop+caption OUT=/tmp/out bash benchmarks/stages_gpu.sh start
 #   OUT=/tmp/out bash benchmarks/stages_gpu.sh watch      # again, until it says "ended"
 # DATA_DIR holds crop/ and caption/ as the crop and caption stages write them (and base/, if the
-# model profile loads the base stage's pipeline).
+# model profile loads the base stage's pipeline). The runs in docs/performance.md used the demo
+# painter's: after `dvc repro caption`, `DATA_DIR=.gpu14/data bash benchmarks/stages_gpu.sh data`
+# copies 6 training and 2 held-out crops of each bucket with their captions (10 are trained:
+# train.validation.num_samples holds 2 back).
 #   STAGES      stages in order (default: train augment retrain evaluate generate); `generate` is
 #               `artmaster generate` with the trained LoRA
 #   EPOCHS      train.epochs (default 4). The recipe's 6000 steps: 10 trained crops x 10 repeats x 60
@@ -18,7 +21,7 @@
 #               overrides for every stage
 # Written to OUT: each stage's log and metrics.json, times.tsv, smi.csv (nvidia-smi every 2 s).
 set -o pipefail
-WORK=${WORK:-/tmp/stages}; OUT=${OUT:?set OUT}; LIMIT=${LIMIT:-540}
+WORK=${WORK:-/tmp/stages}; LIMIT=${LIMIT:-540}
 BEGIN=$(date +%s)
 
 runner() {  # the detached job: every stage in turn, one line per stage in times.tsv
@@ -86,8 +89,29 @@ watch() {
   [ -f "$WORK/times.tsv" ] && summary
 }
 
+data() {  # the demo crops the GPU runs use, from the crop and caption stages' outputs in data/
+  python3 - "${DATA_DIR:?set DATA_DIR}" <<'EOF'
+import json, shutil, sys
+from pathlib import Path
+source, target = Path("data"), Path(sys.argv[1])
+crops = [json.loads(line) for line in (source / "crop/crops.jsonl").read_text().splitlines()]
+captions = {json.loads(line)["crop_id"]: line for line in (source / "caption/captions.jsonl").read_text().splitlines()}
+chosen = [row for bucket in ("512x512", "512x768") for split, count in (("train", 6), ("heldout", 2))
+          for row in [r for r in crops if r["bucket"] == bucket and r["split"] == split][:count]]
+shutil.rmtree(target, ignore_errors=True)
+for row in chosen:
+    (target / "crop" / row["path"]).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(source / "crop" / row["path"], target / "crop" / row["path"])
+(target / "caption").mkdir(parents=True)
+(target / "crop/crops.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
+(target / "caption/captions.jsonl").write_text("".join(captions[row["crop_id"]] + "\n" for row in chosen))
+print(f"{len(chosen)} crops with captions in {target}")
+EOF
+}
+
 case "${1:-}" in
-  start) start; watch ;;
-  watch) watch ;;
-  *) echo "usage: $0 start|watch" >&2; exit 2 ;;
+  data) data ;;
+  start) : "${OUT:?set OUT}"; start; watch ;;
+  watch) : "${OUT:?set OUT}"; watch ;;
+  *) echo "usage: $0 data|start|watch" >&2; exit 2 ;;
 esac
