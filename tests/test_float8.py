@@ -1,6 +1,11 @@
-"""`train.fp8_base`: the frozen base GEMMs in FP8 (artmaster.float8), on the CPU's FP8 matmul."""
+"""`train.fp8_base`: the frozen base GEMMs in FP8 (artmaster.float8); on the CPU the FP8 product
+is computed in fp32 (`float8.scaled_matmul`), on a GPU by `torch._scaled_mm`."""
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -61,6 +66,26 @@ def test_fp8_linear_is_the_product_of_the_quantized_operands_forward_and_backwar
     assert _relative(out, reference) < 0.06
     assert _relative(x.grad, x_exact.grad) < 0.1
     assert torch.equal(linear.weight_fp8_t, linear.weight_fp8.t())
+
+
+def test_fp8_linear_runs_on_any_cpu_kernel_setting():
+    """The CPU's FP8 product must not depend on oneDNN's FP8 kernels (AMX only): with oneDNN held
+    to AVX2 while ATen keeps its widest kernels, `torch._scaled_mm` failed ("could not create a
+    primitive descriptor for the matmul primitive") in CI."""
+    script = (
+        "import torch\n"
+        "from artmaster import float8\n"
+        "linear = torch.nn.Linear(64, 48).requires_grad_(False)\n"
+        "float8.to_float8(linear)\n"
+        "x = torch.randn(2, 16, 64, requires_grad=True)\n"
+        "linear(x).sum().backward()\n"
+        "print(tuple(x.grad.shape), bool(torch.isfinite(x.grad).all()))\n"
+    )
+    env = {**os.environ, "ARTMASTER_CPU_KERNELS": "native", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env.pop("ATEN_CPU_CAPABILITY", None)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["(2,", "16,", "64)", "True"]
 
 
 def test_fp8_linear_traces_into_one_compiled_graph():

@@ -7,7 +7,7 @@ float8_e4m3 with one scale for the whole tensor, twice (W for the forward, W^T c
 backward: the FP8 matmul wants its second operand column-major), which is as many bytes as the
 bf16 weight it replaces. Its input is scaled and cast to e4m3 on the fly (one scale per tensor,
 from its absolute maximum), the incoming gradient to e5m2 (the wider range gradients need), and
-`torch._scaled_mm` multiplies and rescales into the input's dtype. The LoRA branch
+`torch._scaled_mm` multiplies and rescales into the input's dtype (`scaled_matmul`). The LoRA branch
 (`artmaster.lora_branch`) still sees the unquantized input and runs as before; only the frozen
 product is approximated, the way ai-toolkit's and kohya's float8 base-model options approximate
 it, so the trained adapter is applied to the bf16 weights at inference.
@@ -37,6 +37,18 @@ def quantize(tensor: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     return values, scale
 
 
+def scaled_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                  out_dtype: torch.dtype) -> torch.Tensor:
+    """(a * scale_a) @ (b * scale_b) in `out_dtype`, from FP8 operands with fp32 accumulation. On a
+    GPU, the FP8 tensor-core GEMM (`torch._scaled_mm`). On the CPU, the same product from the
+    operands widened to fp32: oneDNN's FP8 matmul exists only among its AMX kernels, which the
+    portable CPU kernels (`runtime.PORTABLE_KERNELS`) leave out, so `torch._scaled_mm` ran or
+    failed by the processor and by which kernel setting a process had settled on first."""
+    if a.device.type == "cuda":
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
 class _Float8FrozenMatmul(torch.autograd.Function):
     """x @ W^T with W frozen: FP8 forward, FP8 backward to x, no gradient for W."""
 
@@ -44,14 +56,13 @@ class _Float8FrozenMatmul(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, weight_t: torch.Tensor, weight_scale: torch.Tensor):
         values, scale = quantize(x, WEIGHT_DTYPE)
         ctx.save_for_backward(weight_t, weight_scale)
-        return torch._scaled_mm(values.contiguous(), weight.t(), scale_a=scale, scale_b=weight_scale,
-                                out_dtype=x.dtype)
+        return scaled_matmul(values.contiguous(), weight.t(), scale, weight_scale, x.dtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         weight_t, weight_scale = ctx.saved_tensors
         values, scale = quantize(grad.contiguous(), GRAD_DTYPE)
-        grad_x = torch._scaled_mm(values, weight_t.t(), scale_a=scale, scale_b=weight_scale, out_dtype=grad.dtype)
+        grad_x = scaled_matmul(values, weight_t.t(), scale, weight_scale, grad.dtype)
         return grad_x, None, None, None
 
 

@@ -177,7 +177,8 @@ def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[b
 
 
 def _check_fp8_device(on_cuda: bool) -> None:
-    """FP8 GEMMs need compute capability 8.9 (Ada, Hopper, Blackwell); the CPU runs them too (slowly)."""
+    """FP8 GEMMs need compute capability 8.9 (Ada, Hopper, Blackwell); the CPU computes the same
+    product in fp32 (`float8.scaled_matmul`), slowly."""
     capability = torch.cuda.get_device_capability() if on_cuda else None
     if capability is not None and capability < (8, 9):
         raise ValueError(f"train.fp8_base=true: {torch.cuda.get_device_name()} (compute capability "
