@@ -91,20 +91,22 @@ watch() {
 
 data() {  # the demo crops the GPU runs use, from the crop and caption stages' outputs in data/
   python3 - "${DATA_DIR:?set DATA_DIR}" <<'EOF'
-import json, shutil, sys
+import shutil, sys
 from pathlib import Path
+from artmaster.dataset import HELDOUT, TRAIN, split_rows
+from artmaster.files import read_jsonl, write_jsonl
 source, target = Path("data"), Path(sys.argv[1])
-crops = [json.loads(line) for line in (source / "crop/crops.jsonl").read_text().splitlines()]
-captions = {json.loads(line)["crop_id"]: line for line in (source / "caption/captions.jsonl").read_text().splitlines()}
-chosen = [row for bucket in ("512x512", "512x768") for split, count in (("train", 6), ("heldout", 2))
-          for row in [r for r in crops if r["bucket"] == bucket and r["split"] == split][:count]]
+crops = read_jsonl(source / "crop/crops.jsonl")
+captions = {row["crop_id"]: row for row in read_jsonl(source / "caption/captions.jsonl")}
+chosen = [row for bucket in ("512x512", "512x768") for split, count in ((TRAIN, 6), (HELDOUT, 2))
+          for row in split_rows([r for r in crops if r["bucket"] == bucket], split)[:count]]
 shutil.rmtree(target, ignore_errors=True)
 for row in chosen:
     (target / "crop" / row["path"]).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy(source / "crop" / row["path"], target / "crop" / row["path"])
 (target / "caption").mkdir(parents=True)
-(target / "crop/crops.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chosen))
-(target / "caption/captions.jsonl").write_text("".join(captions[row["crop_id"]] + "\n" for row in chosen))
+write_jsonl(target / "crop/crops.jsonl", chosen)
+write_jsonl(target / "caption/captions.jsonl", [captions[row["crop_id"]] for row in chosen])
 print(f"{len(chosen)} crops with captions in {target}")
 EOF
 }

@@ -3,13 +3,13 @@ is computed in fp32 (`float8.scaled_matmul`), on a GPU by `torch._scaled_mm`."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 from accelerate import Accelerator
+from helpers.launch import offline_env
 from helpers.tiny_model import random_encodings
 
 from artmaster import float8, models
@@ -81,7 +81,7 @@ def test_fp8_linear_runs_on_any_cpu_kernel_setting():
         "linear(x).sum().backward()\n"
         "print(tuple(x.grad.shape), bool(torch.isfinite(x.grad).all()))\n"
     )
-    env = {**os.environ, "ARTMASTER_CPU_KERNELS": "native", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    env = {**offline_env(), "ARTMASTER_CPU_KERNELS": "native", "ONEDNN_MAX_CPU_ISA": "AVX2"}
     env.pop("ATEN_CPU_CAPABILITY", None)
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
