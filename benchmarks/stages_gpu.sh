@@ -98,7 +98,8 @@ from artmaster.files import read_jsonl, write_jsonl
 source, target = Path("data"), Path(sys.argv[1])
 crops = read_jsonl(source / "crop/crops.jsonl")
 captions = {row["crop_id"]: row for row in read_jsonl(source / "caption/captions.jsonl")}
-chosen = [row for bucket in ("512x512", "512x768") for split, count in ((TRAIN, 6), (HELDOUT, 2))
+buckets = sorted({row["bucket"] for row in crops})
+chosen = [row for bucket in buckets for split, count in ((TRAIN, 6), (HELDOUT, 2))
           for row in split_rows([r for r in crops if r["bucket"] == bucket], split)[:count]]
 shutil.rmtree(target, ignore_errors=True)
 for row in chosen:
