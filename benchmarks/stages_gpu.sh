@@ -55,6 +55,7 @@ start() {
   if command -v nvidia-smi > /dev/null; then
     setsid nohup nvidia-smi --query-gpu=timestamp,memory.used,utilization.gpu --format=csv,noheader,nounits \
       -lms 2000 > "$WORK/smi.csv" 2>/dev/null < /dev/null &
+    echo $! > "$WORK/smi.pid"
   fi
   # the stages' own process: cwd WORK (its conf/ is the copy's), PYTHONPATH to the copy's src/
   export WORK STAGES EPOCHS EVERY COUNT RETRAIN_EPOCHS MODEL_ARGS EXTRA
@@ -84,7 +85,9 @@ watch() {
     sleep 20
     echo "$(( $(date +%s) - $(cat "$WORK/started") )) s: $(progress)"
   done
-  if [ -f "$WORK/ended" ]; then echo "ended"; pkill -f "nvidia-smi --query-gpu" 2>/dev/null
+  if [ -f "$WORK/ended" ]; then
+    echo "ended"  # the sampler stops by pid: `pkill -f nvidia-smi` also killed a caller whose command named it
+    [ -f "$WORK/smi.pid" ] && kill "$(cat "$WORK/smi.pid")" 2>/dev/null
   else echo "still running after $(( $(date +%s) - $(cat "$WORK/started") )) s"; fi
   [ -f "$WORK/times.tsv" ] && summary
 }
@@ -99,8 +102,16 @@ source, target = Path("data"), Path(sys.argv[1])
 crops = read_jsonl(source / "crop/crops.jsonl")
 captions = {row["crop_id"]: row for row in read_jsonl(source / "caption/captions.jsonl")}
 buckets = sorted({row["bucket"] for row in crops})
+
+
+def first_per_scan_first(rows):  # the evaluate stage judges the held-out crops of at least 2 scans
+    firsts = list({row["scan_id"]: row for row in reversed(rows)}.values())[::-1]
+    return firsts + [row for row in rows if row not in firsts]
+
+
 chosen = [row for bucket in buckets for split, count in ((TRAIN, 6), (HELDOUT, 2))
-          for row in split_rows([r for r in crops if r["bucket"] == bucket], split)[:count]]
+          for row in (first_per_scan_first if split == HELDOUT else list)(
+              split_rows([r for r in crops if r["bucket"] == bucket], split))[:count]]
 shutil.rmtree(target, ignore_errors=True)
 for row in chosen:
     (target / "crop" / row["path"]).parent.mkdir(parents=True, exist_ok=True)
