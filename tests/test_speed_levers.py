@@ -123,8 +123,9 @@ def test_compile_is_regional_lazy_and_cuda_only(make_cfg):
                if type(m).__name__ in models.BLOCK_CLASSES)
 
 
-def test_fused_adapter_predicts_what_the_loaded_adapter_predicts(make_cfg, tmp_path):
-    cfg = make_cfg()
+def _random_lora(cfg, path) -> dict[str, int]:
+    """A rank-4 LoRA with random factors on the tiny transformer's attention and MLP layers,
+    saved as the train stage exports one; returns the ranks by module."""
     probe = models.build_random_pipeline(cfg.model).transformer
     pattern = re.compile(target_modules_regex("attention_mlp"))
     g = torch.Generator().manual_seed(1)
@@ -136,8 +137,14 @@ def test_fused_adapter_predicts_what_the_loaded_adapter_predicts(make_cfg, tmp_p
                 lora_A[name] = 0.3 * torch.randn(4, module.in_features, generator=g)
                 lora_B[name] = 0.3 * torch.randn(module.out_features, 4, generator=g)
                 ranks[name] = 4
-    save_lora(ExportedLora(lora_A, lora_B, ranks, out_features), tmp_path / "lora", base_model="tiny",
+    save_lora(ExportedLora(lora_A, lora_B, ranks, out_features), path, base_model="tiny",
               trigger="zxh", metadata={}, kohya=False)
+    return ranks
+
+
+def test_fused_adapter_predicts_what_the_loaded_adapter_predicts(make_cfg, tmp_path):
+    cfg = make_cfg()
+    ranks = _random_lora(cfg, tmp_path / "lora")
     x = random_inputs(cfg)
     outputs = {}
     for fuse in (None, False, True):
@@ -373,6 +380,31 @@ def test_generation_through_compiled_blocks_traces_one_graph_per_block_class(mak
     generate_images(pipe, ["a", "b"], [0, 1], height=64, width=64, steps=2, guidance=1.0, max_sequence_length=8,
                     batch_size=2)
     assert len(graphs) == 2
+    torch._dynamo.reset()
+
+
+def test_inference_keeps_one_graph_per_block_class_and_batch_size(make_cfg, tmp_path):
+    """What evaluate and augment do through compiled blocks: paint with the base model, fold an
+    adapter in, paint again, then a regional refinement whose passes come 3 and then 1 at a time.
+    The loader freezes every weight, so folding the adapter in (peft freezes what it wraps) fails
+    no requires_grad guard; static shapes give each batch size its graph and nothing more."""
+    cfg = make_cfg("experiment=demo")
+    _random_lora(cfg, tmp_path / "lora")
+    pipe = models.frozen_and_compiled(models.build_random_pipeline(cfg.model), cfg.model)
+    assert not [name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
+                and any(p.requires_grad for p in component.parameters())]
+    graphs: list = []
+    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), dynamic=False, fullgraph=True)
+    from artmaster.generate import generate_images
+    from artmaster.refine import regional_latents
+
+    size = dict(height=64, width=64, steps=2, guidance=3.5, max_sequence_length=8)
+    generate_images(pipe, ["a", "b"], [0, 1], batch_size=2, **size)
+    load_adapter(pipe, tmp_path / "lora", fuse=True)
+    generate_images(pipe, ["a", "b"], [0, 1], batch_size=2, **size)
+    assert len(graphs) == 2
+    regional_latents(pipe, "a", ["b", "c", "d"], torch.ones(3, 16), 0, batch_size=3, **size)  # passes 3 + 1
+    assert len(graphs) == 6
     torch._dynamo.reset()
 
 

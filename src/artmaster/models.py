@@ -211,9 +211,7 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     if model_cfg.profile == "flux_dev_random":
-        pipe = build_random_pipeline(model_cfg)
-        maybe_compile(pipe.transformer, model_cfg)
-        return pipe
+        return frozen_and_compiled(build_random_pipeline(model_cfg), model_cfg)
     source = pipeline_source(model_cfg)
     if model_cfg.path and not Path(source).is_dir():
         hint = " (run `artmaster base` first)" if model_cfg.profile == "tiny" else ""
@@ -228,7 +226,16 @@ def load_pipeline(model_cfg: DictConfig) -> FluxPipeline:
         )
     except LocalEntryNotFoundError:
         raise not_in_cache(model_cfg) from None
-    pipe = pipe.to(resolve_device(model_cfg))
+    return frozen_and_compiled(pipe.to(resolve_device(model_cfg)), model_cfg)
+
+
+def frozen_and_compiled(pipe: FluxPipeline, model_cfg: DictConfig) -> FluxPipeline:
+    """Every weight frozen, as the stages use them (training adds its adapters' parameters on
+    top): a compiled block guards on its parameters' requires_grad, so an adapter folded in later
+    (peft freezes what it wraps) would otherwise cost each block class a second graph."""
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.requires_grad_(False)
     maybe_compile(pipe.transformer, model_cfg)
     return pipe
 
@@ -317,9 +324,12 @@ def eager_blocks(transformer: torch.nn.Module):
 def maybe_compile(transformer: torch.nn.Module, model_cfg: DictConfig) -> bool:
     """`model.compile`: regional compilation of the transformer (see `compile_blocks`), on CUDA
     only (a GPU lever: on the CPU the tiny model would spend longer compiling than running).
-    false | true (torch.compile's default mode) | a torch.compile mode name."""
+    false | true (torch.compile's default mode) | a torch.compile mode name. Static shapes, as in
+    training: one graph per block class and batch size. Dynamo's automatic dynamic batch instead
+    added, at the second batch size, a dynamic graph per block class and for the double blocks one
+    more, then more again at batch 1 (augment's regional passes vary: docs/performance.md)."""
     setting = model_cfg.get("compile", False)
     if setting is False or setting is None or not next(transformer.parameters()).is_cuda:
         return False
-    compile_blocks(transformer, **({} if setting is True else {"mode": str(setting)}))
+    compile_blocks(transformer, dynamic=False, **({} if setting is True else {"mode": str(setting)}))
     return True
