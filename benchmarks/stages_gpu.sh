@@ -104,13 +104,13 @@ captions = {row["crop_id"]: row for row in read_jsonl(source / "caption/captions
 buckets = sorted({row["bucket"] for row in crops})
 
 
-def first_per_scan_first(rows):  # the evaluate stage judges the held-out crops of at least 2 scans
+def one_per_scan_first(rows):  # the evaluate stage judges the held-out crops of at least 2 scans
     firsts = list({row["scan_id"]: row for row in reversed(rows)}.values())[::-1]
     return firsts + [row for row in rows if row not in firsts]
 
 
 chosen = [row for bucket in buckets for split, count in ((TRAIN, 6), (HELDOUT, 2))
-          for row in (first_per_scan_first if split == HELDOUT else list)(
+          for row in (one_per_scan_first if split == HELDOUT else list)(
               split_rows([r for r in crops if r["bucket"] == bucket], split))[:count]]
 shutil.rmtree(target, ignore_errors=True)
 for row in chosen:

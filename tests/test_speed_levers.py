@@ -394,7 +394,7 @@ def test_inference_keeps_one_graph_per_block_class_and_batch_size(make_cfg, tmp_
     assert not [name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
                 and any(p.requires_grad for p in component.parameters())]
     graphs: list = []
-    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), dynamic=False, fullgraph=True)
+    models.compile_for_inference(pipe.transformer, backend=_counting_backend(graphs), fullgraph=True)
     from artmaster.generate import generate_images
     from artmaster.refine import regional_latents
 

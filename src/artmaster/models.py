@@ -324,12 +324,17 @@ def eager_blocks(transformer: torch.nn.Module):
 def maybe_compile(transformer: torch.nn.Module, model_cfg: DictConfig) -> bool:
     """`model.compile`: regional compilation of the transformer (see `compile_blocks`), on CUDA
     only (a GPU lever: on the CPU the tiny model would spend longer compiling than running).
-    false | true (torch.compile's default mode) | a torch.compile mode name. Static shapes, as in
-    training: one graph per block class and batch size. Dynamo's automatic dynamic batch instead
-    added, at the second batch size, a dynamic graph per block class and for the double blocks one
-    more, then more again at batch 1 (augment's regional passes vary: docs/performance.md)."""
+    false | true (torch.compile's default mode) | a torch.compile mode name."""
     setting = model_cfg.get("compile", False)
     if setting is False or setting is None or not next(transformer.parameters()).is_cuda:
         return False
-    compile_blocks(transformer, dynamic=False, **({} if setting is True else {"mode": str(setting)}))
+    compile_for_inference(transformer, **({} if setting is True else {"mode": str(setting)}))
     return True
+
+
+def compile_for_inference(transformer: torch.nn.Module, **options) -> None:
+    """Static shapes, as in training: one graph per block class and batch size. Dynamo's automatic
+    dynamic batch instead added, at the second batch size, a dynamic graph per block class and one
+    more for the double blocks, then more at batch 1 (augment's regional passes vary in number:
+    4 recompiles on the H100, docs/performance.md)."""
+    compile_blocks(transformer, dynamic=False, **options)
