@@ -195,7 +195,7 @@ def test_a_folded_adapter_paints_like_the_loaded_one_keeps_one_graph_and_restore
     assert all(torch.equal(param, weights[name]) for name, param in pipe.transformer.named_parameters())
 
     graphs = []
-    compile_blocks(pipe.transformer, backend=lambda gm, inputs: graphs.append(gm) or gm.forward, dynamic=False)
+    compile_blocks(pipe.transformer, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
     paint()
     with adapter_applied(pipe, tmp_path / "lora", fold=True):
         paint()

@@ -354,8 +354,7 @@ def test_compiled_training_traces_one_graph_per_block_class_and_shape(make_cfg, 
     cfg = make_cfg("experiment=demo", f"train.lora_branch.shared_down={shared}", "train.lora_branch.precision=model")
     state = _state(cfg)
     graphs: list = []
-    models.compile_blocks(state.adapter.base_model.model, backend=_counting_backend(graphs), dynamic=False,
-                          fullgraph=True)
+    models.compile_blocks(state.adapter.base_model.model, backend=_counting_backend(graphs), fullgraph=True)
     state.flow = FlowSettings(**{**state.flow.__dict__, "inputs_require_grad": True})
     arch = cfg.model.architecture.transformer
     g = torch.Generator().manual_seed(0)
@@ -374,7 +373,7 @@ def test_generation_through_compiled_blocks_traces_one_graph_per_block_class(mak
     cfg = make_cfg("experiment=demo")
     pipe = models.build_random_pipeline(cfg.model)
     graphs: list = []
-    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), dynamic=False, fullgraph=True)
+    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), fullgraph=True)
     from artmaster.generate import generate_images
 
     generate_images(pipe, ["a", "b"], [0, 1], height=64, width=64, steps=2, guidance=1.0, max_sequence_length=8,
@@ -394,7 +393,7 @@ def test_inference_keeps_one_graph_per_block_class_and_batch_size(make_cfg, tmp_
     assert not [name for name, component in pipe.components.items() if isinstance(component, torch.nn.Module)
                 and any(p.requires_grad for p in component.parameters())]
     graphs: list = []
-    models.compile_for_inference(pipe.transformer, backend=_counting_backend(graphs), fullgraph=True)
+    models.compile_blocks(pipe.transformer, backend=_counting_backend(graphs), fullgraph=True)
     from artmaster.generate import generate_images
     from artmaster.refine import regional_latents
 

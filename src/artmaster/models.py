@@ -240,12 +240,17 @@ def frozen_and_compiled(pipe: FluxPipeline, model_cfg: DictConfig) -> FluxPipeli
     return pipe
 
 
-def compile_blocks(transformer: torch.nn.Module, **options) -> int:
+def compile_blocks(transformer: torch.nn.Module, *, dynamic: bool = False, **options) -> int:
     """Regional compilation: `torch.compile` each repeated transformer block in place, never the
     whole model. Blocks of one class share their compiled code (19 double + 38 single blocks at
     FLUX.1-dev size compile two graphs per input shape, not 57), and layers injected later (peft
     LoRA/AdaLoRA) are traced into it on the first call. Compilation is lazy: nothing happens until
     a forward. Returns the number of blocks compiled.
+
+    Static shapes by default (training, inference and the benchmarks alike): one graph per block
+    class and batch size. Dynamo's automatic dynamic batch instead added, at the second batch
+    size, a dynamic graph per block class and one more for the double blocks, then more at batch 1
+    (augment's regional passes vary in number: 4 recompiles on the H100, docs/performance.md).
 
     A single block returns views of its joint output, so the first single block would see
     contiguous inputs (the last double block's outputs) and every later one views with the joint
@@ -256,7 +261,7 @@ def compile_blocks(transformer: torch.nn.Module, **options) -> int:
     if doubles and not hasattr(doubles[-1], "_joint_views"):
         doubles[-1]._joint_views = doubles[-1].register_forward_hook(_joint_views)
     for block in blocks:
-        block.compile(**options)
+        block.compile(dynamic=dynamic, **options)
     return len(blocks)
 
 
@@ -328,13 +333,5 @@ def maybe_compile(transformer: torch.nn.Module, model_cfg: DictConfig) -> bool:
     setting = model_cfg.get("compile", False)
     if setting is False or setting is None or not next(transformer.parameters()).is_cuda:
         return False
-    compile_for_inference(transformer, **({} if setting is True else {"mode": str(setting)}))
+    compile_blocks(transformer, **({} if setting is True else {"mode": str(setting)}))
     return True
-
-
-def compile_for_inference(transformer: torch.nn.Module, **options) -> None:
-    """Static shapes, as in training: one graph per block class and batch size. Dynamo's automatic
-    dynamic batch instead added, at the second batch size, a dynamic graph per block class and one
-    more for the double blocks, then more at batch 1 (augment's regional passes vary in number:
-    4 recompiles on the H100, docs/performance.md)."""
-    compile_blocks(transformer, dynamic=False, **options)

@@ -172,7 +172,7 @@ def compile_for_training(cfg: DictConfig, transformer, on_cuda: bool) -> tuple[b
     compiled = on_cuda and (cudagraphs or setting not in (False, None))
     if compiled:
         mode = "reduce-overhead" if cudagraphs else (None if setting is True else str(setting))
-        compile_blocks(transformer, dynamic=False, **({"mode": mode} if mode else {}))
+        compile_blocks(transformer, **({"mode": mode} if mode else {}))
     return compiled, cudagraphs
 
 
